@@ -1,0 +1,67 @@
+"""Which event may follow which in a stream, and how stream ids are derived. Pure.
+
+A prediction's stream is ``PredictionRequested`` then exactly one of ``PredictionMade`` /
+``PredictionFailed``, and nothing after. Model registrations and blob erasures live in streams of
+their own, derived from the digest they are about, so a second registration of the same artifact
+is a version conflict rather than a duplicate.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+
+from domain.events import (
+    BlobErased,
+    Event,
+    ModelRegistered,
+    PredictionFailed,
+    PredictionMade,
+    PredictionRequested,
+)
+
+_NAMESPACE = uuid.UUID("6f0d8a52-3c1e-4d38-9a57-5b0e54d1c0a1")
+
+_OUTCOMES = (PredictionMade, PredictionFailed)
+
+
+class StreamRuleViolation(ValueError):
+    """The events would break the rules of their stream."""
+
+
+def model_stream_id(model_sha256: str) -> uuid.UUID:
+    return uuid.uuid5(_NAMESPACE, f"model:{model_sha256}")
+
+
+def erasure_stream_id(blob_sha256: str) -> uuid.UUID:
+    return uuid.uuid5(_NAMESPACE, f"erasure:{blob_sha256}")
+
+
+def check_stream(existing: Sequence[Event], new: Sequence[Event]) -> None:
+    """Raise ``StreamRuleViolation`` unless ``existing + new`` is a valid (prefix of a) stream."""
+    events = [*existing, *new]
+    if not events:
+        return
+    first = events[0]
+    if isinstance(first, PredictionRequested):
+        if len(events) > 2:
+            raise StreamRuleViolation("a prediction stream holds a request and one outcome, nothing more")
+        if len(events) == 2 and not isinstance(events[1], _OUTCOMES):
+            raise StreamRuleViolation(
+                f"a prediction request may only be followed by PredictionMade or PredictionFailed, "
+                f"not {type(events[1]).__name__}"
+            )
+        return
+    if isinstance(first, (ModelRegistered, BlobErased)):
+        if len(events) > 1:
+            raise StreamRuleViolation(f"a {type(first).__name__} stream holds exactly one event")
+        return
+    raise StreamRuleViolation(f"a stream cannot start with {type(first).__name__}")
+
+
+def is_complete_prediction(events: Sequence[Event]) -> bool:
+    return (
+        len(events) == 2
+        and isinstance(events[0], PredictionRequested)
+        and isinstance(events[1], _OUTCOMES)
+    )

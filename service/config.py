@@ -1,0 +1,79 @@
+"""Settings, from the environment only. Every timeout is a setting so tests can use short ones."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import msgspec
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _env(name: str, default: str) -> str:
+    value = os.environ.get(name, "").strip()
+    return value or default
+
+
+def _int(name: str, default: int) -> int:
+    return int(_env(name, str(default)))
+
+
+def _float(name: str, default: float) -> float:
+    return float(_env(name, str(default)))
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True):
+    database_url: str | None  # superuser/owner URL for migrations; None: the embedded server
+    app_database_url: str | None  # the service's own (non-superuser) login; derived when None
+    embedded_pgdata: Path
+    host: str
+    port: int
+    workers: int
+    model_path: Path
+    max_upload_bytes: int
+    body_read_timeout_s: float
+    max_batch: int
+    max_queue: int
+    batch_max_wait_ms: float
+    max_group: int
+    pool_size: int
+    connect_timeout_s: float
+    lock_timeout_ms: int
+    statement_timeout_ms: int
+    idle_in_transaction_timeout_ms: int
+    projection_poll_s: float
+    read_your_writes_timeout_s: float
+    readiness_max_lag_events: int  # 0: lag never turns readiness red
+    checkpoint_dir: Path
+    api_keys: str  # "key1:predict,read;key2:audit" (empty: no keys required)
+    log_level: str
+
+    @classmethod
+    def from_env(cls) -> "Settings":
+        return cls(
+            database_url=os.environ.get("DATABASE_URL") or None,
+            app_database_url=os.environ.get("APP_DATABASE_URL") or None,
+            embedded_pgdata=Path(_env("EMBEDDED_PGDATA", str(PROJECT_ROOT / ".data" / "pgdata"))),
+            host=_env("HOST", "127.0.0.1"),
+            port=_int("PORT", 8000),
+            workers=_int("WORKERS", 1),
+            model_path=Path(_env("MODEL_PATH", str(PROJECT_ROOT / "saved_model" / "mnist_convnet.keras"))),
+            max_upload_bytes=_int("MAX_UPLOAD_BYTES", 10 * 1024 * 1024),
+            body_read_timeout_s=_float("BODY_READ_TIMEOUT_S", 30.0),
+            max_batch=_int("MAX_BATCH", 64),
+            max_queue=_int("MAX_QUEUE", 1024),
+            batch_max_wait_ms=_float("BATCH_MAX_WAIT_MS", 0.0),
+            max_group=_int("MAX_GROUP", 256),
+            pool_size=_int("DB_POOL_SIZE", 8),
+            connect_timeout_s=_float("DB_CONNECT_TIMEOUT_S", 5.0),
+            lock_timeout_ms=_int("DB_LOCK_TIMEOUT_MS", 5000),
+            statement_timeout_ms=_int("DB_STATEMENT_TIMEOUT_MS", 10000),
+            idle_in_transaction_timeout_ms=_int("DB_IDLE_IN_TRANSACTION_TIMEOUT_MS", 15000),
+            projection_poll_s=_float("PROJECTION_POLL_S", 1.0),
+            read_your_writes_timeout_s=_float("READ_YOUR_WRITES_TIMEOUT_S", 5.0),
+            readiness_max_lag_events=_int("READINESS_MAX_LAG_EVENTS", 0),
+            checkpoint_dir=Path(_env("CHECKPOINT_DIR", str(PROJECT_ROOT / ".data" / "checkpoints"))),
+            api_keys=_env("API_KEYS", ""),
+            log_level=_env("LOG_LEVEL", "INFO"),
+        )

@@ -1,0 +1,54 @@
+"""Where the database is: DATABASE_URL's server, or the embedded one; migrated before use."""
+
+from __future__ import annotations
+
+import asyncpg
+
+from db import embedded
+from db.dsn import APP_ROLE, with_database, with_user
+from db.migrate import migrate
+from db.store import append_settings
+from service.config import Settings
+
+EMBEDDED_DATABASE = "prediction_audit"
+
+
+class DatabaseTarget:
+    """The owner URL (migrations, operator commands) and the service's own non-superuser URL."""
+
+    def __init__(self, owner_dsn: str, app_dsn: str, server_handle: object | None = None) -> None:
+        self.owner_dsn = owner_dsn
+        self.app_dsn = app_dsn
+        self._server_handle = server_handle  # keeps the embedded server alive with this process
+
+
+def resolve(settings: Settings) -> DatabaseTarget:
+    if settings.database_url:
+        owner = settings.database_url
+        handle = None
+    else:
+        handle, server_dsn = embedded.start(settings.embedded_pgdata)
+        owner = with_database(server_dsn, EMBEDDED_DATABASE)
+    app = settings.app_database_url or with_user(owner, APP_ROLE)
+    return DatabaseTarget(owner, app, handle)
+
+
+async def prepare(settings: Settings) -> DatabaseTarget:
+    target = resolve(settings)
+    await migrate(target.owner_dsn)
+    return target
+
+
+async def create_pool(dsn: str, settings: Settings, *, size: int | None = None, min_size: int = 1) -> asyncpg.Pool:
+    return await asyncpg.create_pool(
+        dsn,
+        min_size=min_size,
+        max_size=size or settings.pool_size,
+        timeout=settings.connect_timeout_s,
+        command_timeout=settings.statement_timeout_ms / 1000 + 1,
+        server_settings=append_settings(
+            lock_timeout_ms=settings.lock_timeout_ms,
+            statement_timeout_ms=settings.statement_timeout_ms,
+            idle_timeout_ms=settings.idle_in_transaction_timeout_ms,
+        ),
+    )

@@ -1,0 +1,244 @@
+"""The event store against a real PostgreSQL: append-only, group commit, ordering, hash chain."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import asyncpg
+import pytest
+
+from db.store import (
+    NOTIFY_CHANNEL,
+    AppendRejected,
+    Committed,
+    EventStore,
+    IdempotencyKeyReused,
+    Replayed,
+    VersionConflict,
+)
+from domain.chain import GENESIS_HASH, find_break
+from domain.events import PredictionMade, PredictionRequested
+from tests.factories import prediction_request
+
+
+async def verify(store: EventStore):
+    events = await store.read_all(0, 1_000_000)
+    return find_break(((e.chained(), e.hash) for e in events))
+
+
+async def test_append_assigns_gap_free_positions_and_links_the_chain(app_pool):
+    store = EventStore(app_pool)
+    outcomes = await store.append([prediction_request(label=str(i)) for i in range(5)])
+    assert all(isinstance(o, Committed) for o in outcomes)
+    events = await store.read_all(0, 100)
+    assert [e.position for e in events] == list(range(1, 11))
+    assert [e.stream_version for e in events] == [1, 2] * 5
+    assert {e.recorded_at for e in events} == {events[0].recorded_at}  # one group, one clock reading
+    brk, last, head = await verify(store)
+    assert brk is None and last == 10
+    assert outcomes[-1].head_position == 10 and outcomes[-1].head_hash == head == (await store.head())[1]
+    decoded = [e.decode() for e in await store.read_stream(outcomes[2].stream_id)]
+    assert isinstance(decoded[0], PredictionRequested) and isinstance(decoded[1], PredictionMade)
+    assert decoded[0].filename == "digit2.png"
+
+
+async def test_blobs_are_stored_byte_for_byte_and_deduplicated(app_pool):
+    store = EventStore(app_pool)
+    content = bytes(range(256)) * 10
+    first, second = prediction_request(content=content), prediction_request(content=content)
+    assert all(isinstance(o, Committed) for o in await store.append([first, second]))
+    digest = next(iter(first.blobs))
+    assert await store.read_blob(digest) == content
+    assert await app_pool.fetchval("SELECT count(*) FROM blobs") == 1
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "UPDATE events SET event_type = 'Tampered' WHERE position = 1",
+        "DELETE FROM events WHERE position = 1",
+        "TRUNCATE events",
+        "TRUNCATE events CASCADE",
+        "UPDATE blobs SET content = 'x'",
+        "DELETE FROM blobs",
+        "TRUNCATE blobs",
+        "DELETE FROM idempotency_keys",
+    ],
+)
+async def test_postgres_refuses_changes_even_from_the_superuser(app_pool, owner, statement):
+    await EventStore(app_pool).append([prediction_request(key="k1")])
+    with pytest.raises(asyncpg.InsufficientPrivilegeError):
+        await owner.execute(statement)
+    assert await owner.fetchval("SELECT count(*) FROM events") == 2
+    assert await owner.fetchval("SELECT count(*) FROM blobs") == 1
+
+
+async def test_the_service_role_cannot_change_or_unprotect_the_log(app_pool):
+    await EventStore(app_pool).append([prediction_request()])
+    async with app_pool.acquire() as connection:
+        for statement in (
+            "UPDATE events SET stream_version = 9",
+            "DELETE FROM events",
+            "ALTER TABLE events DISABLE TRIGGER USER",
+            "DROP TRIGGER events_refuse_update_delete ON events",
+            "SET session_replication_role = replica",
+        ):
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await connection.execute(statement)
+        await connection.execute("RESET ROLE")
+        assert await connection.fetchval("SELECT rolsuper FROM pg_roles WHERE rolname = current_user") is False
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await connection.execute("ALTER TABLE events DISABLE TRIGGER ALL")
+        owned = await connection.fetchval(
+            "SELECT count(*) FROM pg_class WHERE relowner = (SELECT oid FROM pg_roles WHERE rolname = current_user)"
+        )
+        assert owned == 0
+
+
+async def test_version_conflict_fails_only_its_request_and_leaves_nothing_half_written(app_pool):
+    store = EventStore(app_pool)
+    (existing,) = await store.append([prediction_request()])
+    assert isinstance(existing, Committed)
+    stale = prediction_request(stream_id=existing.stream_id)  # expects a new stream: version 0
+    before, after = prediction_request(label="a"), prediction_request(label="b")
+    outcomes = await store.append([before, stale, after])
+    assert isinstance(outcomes[0], Committed) and isinstance(outcomes[2], Committed)
+    assert isinstance(outcomes[1], VersionConflict) and outcomes[1].actual == 2
+    assert len(await store.read_stream(existing.stream_id)) == 2
+    assert await app_pool.fetchval("SELECT count(*) FROM events") == 6
+    assert await app_pool.fetchval("SELECT count(*) FROM blobs") == 3  # the conflicting blob is not kept
+    assert (await verify(store))[0] is None
+
+
+async def test_two_appends_to_one_stream_in_one_group_give_one_conflict(app_pool):
+    store = EventStore(app_pool)
+    stream = uuid.uuid4()
+    outcomes = await store.append([prediction_request(stream_id=stream), prediction_request(stream_id=stream)])
+    assert isinstance(outcomes[0], Committed) and isinstance(outcomes[1], VersionConflict)
+    assert len(await store.read_stream(stream)) == 2
+
+
+async def test_concurrent_writers_to_one_stream_one_wins(app_pool):
+    stream = uuid.uuid4()
+    stores = [EventStore(app_pool) for _ in range(8)]
+    outcomes = await asyncio.gather(*(s.append([prediction_request(stream_id=stream)]) for s in stores))
+    kinds = [type(o[0]) for o in outcomes]
+    assert kinds.count(Committed) == 1 and kinds.count(VersionConflict) == 7
+    assert await app_pool.fetchval("SELECT count(*) FROM events") == 2
+
+
+async def test_a_request_the_database_refuses_fails_alone(app_pool, owner):
+    # Stand-in for "any other error": a trigger (installed by the superuser) refuses one request's rows.
+    await owner.execute("""
+        CREATE FUNCTION poison() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF NEW.metadata::text LIKE '%poison%' THEN RAISE EXCEPTION 'poisoned row'; END IF;
+            RETURN NEW;
+        END $$;
+        CREATE TRIGGER poison BEFORE INSERT ON events FOR EACH ROW EXECUTE FUNCTION poison();
+    """)
+    store = EventStore(app_pool)
+    requests = [prediction_request(label="ok1"), prediction_request(label="poison"), prediction_request(label="ok2")]
+    outcomes = await store.append(requests)
+    assert [type(o) for o in outcomes] == [Committed, AppendRejected, Committed]
+    assert await app_pool.fetchval("SELECT count(*) FROM events") == 4
+    brk, last, _ = await verify(store)
+    assert brk is None and last == 4
+
+
+async def test_idempotency_key_replays_the_first_stream_and_refuses_reuse(app_pool):
+    store = EventStore(app_pool)
+    first = prediction_request(key="retry-me", content=b"same bytes")
+    (committed,) = await store.append([first])
+    assert isinstance(committed, Committed)
+    # a sequential retry, and two concurrent retries landing in one group
+    (again,) = await store.append([prediction_request(key="retry-me", content=b"same bytes")])
+    assert again == Replayed(first.stream_id)
+    group = await store.append(
+        [prediction_request(key="new-key", content=b"n"), prediction_request(key="new-key", content=b"n")]
+    )
+    assert isinstance(group[0], Committed) and group[1] == Replayed(group[0].stream_id)
+    (reused,) = await store.append([prediction_request(key="retry-me", content=b"other bytes")])
+    assert isinstance(reused, IdempotencyKeyReused)
+    assert await app_pool.fetchval("SELECT count(*) FROM events") == 4
+
+
+async def test_notifies_once_per_transaction_with_the_head(app_pool, database):
+    listener = await asyncpg.connect(database.app_dsn)
+    received: list[str] = []
+    await listener.add_listener(NOTIFY_CHANNEL, lambda *args: received.append(args[3]))
+    try:
+        await EventStore(app_pool).append([prediction_request() for _ in range(4)])
+        async with asyncio.timeout(5):
+            while not received:
+                await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)
+        assert received == ["8"]
+    finally:
+        await listener.close()
+
+
+@pytest.mark.timeout(60)
+async def test_concurrent_appenders_and_a_live_reader_see_every_event_once_in_order(app_pool):
+    writers, appends_per_writer = 10, 25
+    store = EventStore(app_pool)
+    done = asyncio.Event()
+    seen: list[int] = []
+
+    async def follow() -> None:
+        after = 0
+        while True:
+            finished = done.is_set()
+            for event in await store.read_all(after, 500):
+                seen.append(event.position)
+                after = event.position
+            if finished and after == writers * appends_per_writer * 2:
+                return
+            await asyncio.sleep(0.002)
+
+    async def write(writer: int) -> None:
+        for i in range(appends_per_writer):
+            batch = [prediction_request(label=f"{writer}-{i}")]
+            assert isinstance((await store.append(batch))[0], Committed)
+
+    reader = asyncio.create_task(follow())
+    await asyncio.gather(*(write(w) for w in range(writers)))
+    done.set()
+    await asyncio.wait_for(reader, 30)
+    assert seen == list(range(1, writers * appends_per_writer * 2 + 1))
+    brk, last, _ = await verify(store)
+    assert brk is None and last == len(seen)
+
+
+@pytest.mark.parametrize(
+    ("tamper", "position"),
+    [
+        ("UPDATE events SET data = replace(data::text, 'digit3', 'digit8')::json WHERE position = 7", 7),
+        ("UPDATE events SET data = ('{\"extra\":1,' || substr(data::text, 2))::json WHERE position = 4", 4),
+        ("UPDATE events SET metadata = '{}' WHERE position = 9", 9),
+        ("UPDATE events SET recorded_at = recorded_at + interval '1 microsecond' WHERE position = 2", 2),
+        ("UPDATE events SET stream_version = 3 WHERE position = 6", 6),
+        ("DELETE FROM events WHERE position = 5", 5),
+    ],
+)
+async def test_an_edit_behind_the_apps_back_is_found_at_its_position(app_pool, owner, tamper, position):
+    store = EventStore(app_pool)
+    await store.append([prediction_request(label=str(i)) for i in range(5)])
+    assert (await verify(store))[0] is None
+    async with owner.transaction():
+        await owner.execute("ALTER TABLE events DISABLE TRIGGER USER")
+        await owner.execute(tamper)
+        await owner.execute("ALTER TABLE events ENABLE TRIGGER USER")
+    brk, last, _ = await verify(store)
+    assert brk is not None and brk.position == position and last == position - 1
+
+
+async def test_log_identity_is_fixed_once_the_log_has_events(app_pool, owner):
+    await EventStore(app_pool).append([prediction_request()])
+    with pytest.raises(asyncpg.InsufficientPrivilegeError):
+        await owner.execute("UPDATE log_identity SET log_id = gen_random_uuid()")
+
+
+async def test_empty_log_head_is_genesis(app_pool):
+    assert await EventStore(app_pool).head() == (0, GENESIS_HASH)

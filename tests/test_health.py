@@ -1,0 +1,46 @@
+"""Health endpoints over HTTP against a real database (and against one that is not there)."""
+
+from __future__ import annotations
+
+import msgspec
+from litestar.testing import TestClient
+
+from service.app import create_app
+from service.config import Settings
+
+
+def settings(**changes) -> Settings:
+    return msgspec.structs.replace(Settings.from_env(), **changes)
+
+
+def test_live_and_ready_against_a_migrated_database(database):
+    app = create_app(settings(), database.app_dsn)
+    with TestClient(app) as client:
+        assert client.get("/health/live").json() == {"status": "live"}
+        response = client.get("/health/ready")
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["status"] == "ready"
+        assert body["checks"]["database"]["ok"] and body["checks"]["migrations"] == {"ok": True, "pending": []}
+
+
+def test_ready_is_red_with_problem_free_details_when_the_database_is_unreachable():
+    app = create_app(settings(connect_timeout_s=2.0), "postgresql://audit_app@127.0.0.1:9/nowhere")
+    with TestClient(app) as client:
+        assert client.get("/health/live").status_code == 200
+        response = client.get("/health/ready")
+        assert response.status_code == 503
+        assert response.headers["retry-after"] == "1"
+        assert response.json()["checks"]["database"]["ok"] is False
+
+
+def test_unknown_route_and_wrong_method_answer_problem_json(database):
+    app = create_app(settings(), database.app_dsn)
+    with TestClient(app) as client:
+        response = client.get("/no/such/route")
+        assert response.status_code == 404
+        assert response.headers["content-type"].startswith("application/problem+json")
+        assert response.json()["status"] == 404
+        response = client.post("/health/live")
+        assert response.status_code == 405
+        assert response.headers["content-type"].startswith("application/problem+json")
