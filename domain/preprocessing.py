@@ -53,8 +53,9 @@ RESAMPLING: Final[dict[str, Image.Resampling]] = {
 }
 SCALES: Final = ("divide_255",)
 
-# Leading bytes of the formats we may allow: used only to tell "an allowed format, but broken"
-# (422) from "not an allowed image at all" (415) when Pillow cannot identify the bytes.
+# Leading bytes of the formats we may allow: they tell "an allowed format, but broken" (422) from
+# "not an allowed image at all" (415) when Pillow cannot identify the bytes, and give a stored
+# original its Content-Type.
 _SIGNATURES: Final[dict[str, tuple[bytes, ...]]] = {
     "PNG": (b"\x89PNG\r\n\x1a\n",),
     "JPEG": (b"\xff\xd8\xff",),
@@ -166,7 +167,7 @@ def _open(data: bytes, spec: PreprocessSpec) -> Image.Image:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageRejected(422, "image_too_large", f"the image is too large: {exc}") from exc
     except UnidentifiedImageError as exc:
-        if _looks_like_allowed_format(data, spec.formats):
+        if sniff_format(data, spec.formats) is not None:
             raise ImageRejected(
                 422, "undecodable_image", "the image header could not be parsed"
             ) from exc
@@ -179,12 +180,17 @@ def _open(data: bytes, spec: PreprocessSpec) -> Image.Image:
         raise ImageRejected(422, "undecodable_image", f"the image could not be parsed: {exc}") from exc
 
 
-def _looks_like_allowed_format(data: bytes, formats: tuple[str, ...]) -> bool:
-    for name in formats:
-        for signature in _SIGNATURES.get(name.upper(), ()):
-            if data.startswith(signature) and (name.upper() != "WEBP" or data[8:12] == b"WEBP"):
-                return True
-    return False
+def sniff_format(data: bytes, formats: tuple[str, ...] | None = None) -> str | None:
+    """The format whose signature `data` starts with (PNG, JPEG, GIF, BMP, TIFF, WEBP), else None.
+
+    Leading bytes only, nothing is decoded: good for a Content-Type, not a promise it decodes.
+    """
+    for name in formats or tuple(_SIGNATURES):
+        name = name.upper()
+        for signature in _SIGNATURES.get(name, ()):
+            if data.startswith(signature) and (name != "WEBP" or data[8:12] == b"WEBP"):
+                return name
+    return None
 
 
 def _check_size(image: Image.Image, spec: PreprocessSpec) -> ImageInfo:
@@ -263,3 +269,4 @@ def _composite(image: Image.Image, background: int) -> Image.Image:
     if image.mode == "LA":
         return Image.fromarray(flat[..., 0])
     return Image.fromarray(flat)
+

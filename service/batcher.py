@@ -10,24 +10,30 @@ bad input fails only itself. A row with NaN or +-inf fails only its own caller. 
 InferenceError for that caller; everyone else in the batch gets an Outcome.
 
 The model (TensorFlow) is only ever touched from the one inference thread. The asyncio side owns
-the queue; the thread only sees a list of arrays and returns rows, and each caller's future is
-resolved back on the event loop.
+the queue; the thread only sees a list of arrays and returns rows (through `run_in_executor`,
+which hands them back with `call_soon_threadsafe`), and each caller's future is resolved on the
+event loop. Warm the model up on that same thread: `await batcher.run_in_inference_thread(
+model.warm_up)`. A MicroBatcher belongs to the event loop that started it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
 import msgspec
 import numpy as np
 
 from domain.model_port import Model, is_finite
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class QueueFull(Exception):
@@ -150,18 +156,18 @@ class MicroBatcher:
             self._dispatch_forever(), name="micro-batcher"
         )
 
-    async def run_in_inference_thread(self, function, *args):
-        """Run something else that touches the model (e.g. warm-up) on the inference thread."""
+    async def run_in_inference_thread(self, function: Callable[..., T], *args: Any) -> T:
+        """Run other work that touches the model (e.g. `warm_up`) on the inference thread."""
         if self._executor is None:
             raise RuntimeError("the batcher is not started")
         return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
 
     async def submit(self, array: np.ndarray) -> Outcome:
         """Predict one preprocessed input (H, W, C). Raises QueueFull or InferenceError."""
-        if self._dispatcher is None:
-            raise RuntimeError("the batcher is not started")
         if self._closing:
             raise BatcherClosed("the batcher is shutting down")
+        if not self.running:
+            raise RuntimeError("the batcher is not running")
         if len(self._queue) >= self._max_queue:
             raise QueueFull(f"{len(self._queue)} predictions are already queued")
         future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
@@ -179,10 +185,10 @@ class MicroBatcher:
         if self._dispatcher is not None:
             await self._dispatcher
         if self._executor is not None:
-            self._executor.shutdown(wait=True)
+            # Nothing is queued on the thread any more; don't block the loop while it exits.
+            await asyncio.get_running_loop().run_in_executor(None, self._executor.shutdown)
 
     async def _dispatch_forever(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             if not self._queue:
                 if self._closing:
@@ -195,19 +201,33 @@ class MicroBatcher:
             batch = self._take_batch()
             if not batch:
                 continue
-            dispatched_at = time.perf_counter()
             try:
-                results, inference_s = await loop.run_in_executor(
-                    self._executor, self._infer, [item.array for item in batch]
-                )
-            except Exception as exc:  # noqa: BLE001 - never strand callers, whatever failed
-                results = [_Result(exc, len(batch), index) for index in range(len(batch))]
-                inference_s = time.perf_counter() - dispatched_at
+                await self._run_batch(batch)
+            except Exception as exc:  # noqa: BLE001 - a bug here must not strand callers or stop us
+                logger.exception("micro-batcher failed a batch of %d", len(batch))
+                for index, item in enumerate(batch):
+                    if not item.future.done():
+                        item.future.set_exception(InferenceError(
+                            f"inference failed: {exc!r}", batch_size=len(batch), batch_index=index
+                        ))
+
+    async def _run_batch(self, batch: list[_Pending]) -> None:
+        dispatched_at = time.perf_counter()
+        results, inference_s = await asyncio.get_running_loop().run_in_executor(
+            self._executor, self._infer, [item.array for item in batch]
+        )
+        for item, result in zip(batch, results, strict=True):
+            self._settle(item, result, dispatched_at - item.enqueued_at, inference_s)
+        self._observe(batch, dispatched_at, inference_s)
+
+    def _observe(self, batch: list[_Pending], dispatched_at: float, inference_s: float) -> None:
+        # Metrics are best effort: a broken hook must not fail predictions.
+        try:
             self._metrics.observe_batch(len(batch), inference_s)
-            for item, result in zip(batch, results, strict=True):
-                wait_s = dispatched_at - item.enqueued_at
-                self._metrics.observe_wait(wait_s)
-                self._settle(item, result, wait_s, inference_s)
+            for item in batch:
+                self._metrics.observe_wait(dispatched_at - item.enqueued_at)
+        except Exception:  # noqa: BLE001
+            logger.exception("batch metrics hook failed")
 
     async def _linger(self) -> None:
         self._batch_filled.clear()

@@ -70,9 +70,13 @@ def configure_tensorflow(threads: int | None = None) -> Any:
 class KerasModel:
     """A loaded Keras model behind the `Model` protocol. Use from one thread at a time."""
 
-    def __init__(self, keras_model: Any, info: ModelInfo, *, max_batch: int, tf: Any) -> None:
+    def __init__(
+        self, keras_model: Any, info: ModelInfo, *, max_batch: int, tf: Any, artifact: bytes
+    ) -> None:
         self._keras_model = keras_model
         self._info = info
+        # The exact bytes that were loaded (sha256 == info.sha256): store these, not a re-read.
+        self.artifact = artifact
         self.max_batch = max_batch
         height, width, channels = info.input_shape
         self._input_shape = info.input_shape
@@ -158,7 +162,7 @@ def load_model(path: str | os.PathLike[str], *, max_batch: int = 64) -> KerasMod
         },
     )
     logger.info("loaded model %s %s (%s) on %s", info.name, info.version, digest[:12], info.device)
-    return KerasModel(keras_model, info, max_batch=max_batch, tf=tf)
+    return KerasModel(keras_model, info, max_batch=max_batch, tf=tf, artifact=artifact)
 
 
 def _input_shape(keras_model: Any, path: Path) -> tuple[int, int, int]:

@@ -242,3 +242,32 @@ async def test_a_cancelled_caller_does_not_disturb_the_others():
     assert isinstance(results[2], asyncio.CancelledError)
     assert [r.output[0] for i, r in enumerate(results) if i != 2] == [0.0, 4.0, 12.0, 16.0]
     assert model.batch_sizes == [1, 3]  # the cancelled input was never computed
+
+
+async def test_a_broken_metrics_hook_does_not_fail_predictions():
+    class BrokenMetrics:
+        def observe_batch(self, size, inference_s):
+            raise RuntimeError("metrics backend down")
+
+        def observe_wait(self, wait_s):
+            raise RuntimeError("metrics backend down")
+
+    batcher = MicroBatcher(FakeModel(), metrics=BrokenMetrics())
+    await batcher.start()
+    try:
+        outcomes = await asyncio.gather(*(batcher.submit(fake_input(v)) for v in range(3)))
+        assert [o.output[0] for o in outcomes] == [0.0, 4.0, 8.0]
+        assert batcher.running
+    finally:
+        await batcher.close()
+
+
+async def test_warm_up_runs_on_the_inference_thread():
+    model = FakeModel()
+    batcher = MicroBatcher(model)
+    await batcher.start()
+    try:
+        name = await batcher.run_in_inference_thread(lambda: threading.current_thread().name)
+    finally:
+        await batcher.close()
+    assert name.startswith("inference")

@@ -63,6 +63,7 @@ def test_default_model_info(mnist):
     card = json.loads(DEFAULT_MODEL.with_suffix(".json").read_text())
     assert info.version == card["version"]
     assert info.sha256 == hashlib.sha256(DEFAULT_MODEL.read_bytes()).hexdigest() == card["sha256"]
+    assert hashlib.sha256(mnist.artifact).hexdigest() == info.sha256
     assert info.input_shape == (28, 28, 1)
     assert (info.output_kind, info.num_classes) == ("vector", 10)
     assert re.fullmatch(r"/device:(CPU|GPU):\d+", info.device)

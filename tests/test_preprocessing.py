@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from domain.preprocessing import ImageRejected, PreprocessSpec, Preprocessed, preprocess
+from domain.preprocessing import ImageRejected, PreprocessSpec, Preprocessed, preprocess, sniff_format
 
 GRAY = PreprocessSpec(height=28, width=28, channels=1)
 RGB = PreprocessSpec(height=28, width=28, channels=3)
@@ -404,3 +404,16 @@ def test_domain_modules_do_not_import_tensorflow_or_io_libraries():
         "assert not banned, banned\n"
     )
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=60)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP"])
+def test_sniff_format_names_the_format_from_leading_bytes(fmt):
+    data = encode(Image.new("RGB", (4, 4)), fmt)
+    assert sniff_format(data) == fmt
+    assert sniff_format(data, ("PNG",)) == (fmt if fmt == "PNG" else None)
+
+
+def test_sniff_format_knows_nothing_else():
+    assert sniff_format(b"") is None
+    assert sniff_format(b"P5\n1 1\n255\n\0") is None
+    assert sniff_format(b"RIFF\0\0\0\0WAVEfmt ") is None
