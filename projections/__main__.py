@@ -1,0 +1,5 @@
+import sys
+
+from projections.cli import main
+
+sys.exit(main())

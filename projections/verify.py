@@ -1,0 +1,186 @@
+"""Verify the log and the read model inside ONE REPEATABLE READ snapshot.
+
+1. The hash chain, page by page (`domain.chain.find_break`): any change to any column of any
+   event, an added JSON key included, breaks it at that position.
+2. Outside checkpoints of the chain head (signed heads kept outside the database): each
+   `OutsideCheck` gets the verified head and answers a problem or None. None are wired yet.
+3. The read model: every event up to the live checkpoint is replayed into scratch tables
+   (`read_model_create('pg_temp')`: the same definition, private to this session) and compared
+   with the live tables column by column, as text (so -0.0 differs from 0.0, and jsonb compares
+   in its canonical form). The same snapshot sees the live tables and their checkpoint together.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+
+import asyncpg
+import msgspec
+
+from domain.chain import GENESIS_HASH, find_break
+from projections.read_model import CHECKPOINTS_TABLE, LIVE_SCHEMA, READ_MODEL, ReadModelWriter, quote_ident, read_events
+
+SCRATCH_SCHEMA = "pg_temp"
+
+# (table, key column, order column): compared in this order; the first difference is reported.
+COMPARED_TABLES = (
+    ("inputs", "input_id", "position"),
+    ("predictions", "prediction_id", "position"),
+    ("projection_errors", "position", "position"),
+)
+
+# (connection inside the snapshot, head position, head hash) -> a problem, or None when fine.
+OutsideCheck = Callable[[asyncpg.Connection, int, bytes], Awaitable[str | None]]
+
+
+class Difference(msgspec.Struct, frozen=True):
+    table: str
+    key: str
+    column: str | None  # None: the row exists on one side only
+    live: str | None
+    replayed: str | None
+
+    def describe(self) -> str:
+        if self.column is None:
+            where = "live table only" if self.replayed is None else "replay only"
+            return f"{self.table}: row {self.key} exists in the {where}"
+        return f"{self.table}: row {self.key}, column {self.column}: live {self.live!r} != replayed {self.replayed!r}"
+
+
+class VerifyReport(msgspec.Struct, frozen=True):
+    ok: bool
+    events: int
+    head_position: int
+    head_hash: str
+    checkpoint: int
+    rows: dict[str, int]
+    skipped_events: int
+    chain_break: int | None = None
+    problem: str | None = None
+    difference: Difference | None = None
+
+    def describe(self) -> str:
+        lines = [
+            f"events: {self.events}, head {self.head_position} {self.head_hash}",
+            f"read model checkpoint: {self.checkpoint}; rows: "
+            + ", ".join(f"{table} {count}" for table, count in self.rows.items()),
+            f"events the projection stepped over: {self.skipped_events}",
+        ]
+        lines.append("OK" if self.ok else f"FAILED: {self.problem}")
+        return "\n".join(lines)
+
+
+async def verify(
+    owner_dsn: str,
+    *,
+    name: str = READ_MODEL,
+    page_size: int = 10_000,
+    outside_checks: Sequence[OutsideCheck] = (),
+) -> VerifyReport:
+    connection = await asyncpg.connect(owner_dsn)
+    try:
+        async with connection.transaction(isolation="repeatable_read"):
+            return await _verify_in_snapshot(connection, name, page_size, outside_checks)
+    finally:
+        await connection.close()
+
+
+async def _verify_in_snapshot(
+    connection: asyncpg.Connection, name: str, page_size: int, outside_checks: Sequence[OutsideCheck]
+) -> VerifyReport:
+    checkpoint = await connection.fetchval(f"SELECT position FROM {CHECKPOINTS_TABLE} WHERE name = $1", name) or 0
+    await connection.execute("SELECT read_model_create($1)", SCRATCH_SCHEMA)
+    writer = ReadModelWriter(SCRATCH_SCHEMA)
+
+    position, head_hash, count, skipped = 0, GENESIS_HASH, 0, 0
+    while True:
+        page = await read_events(connection, position, page_size)
+        if not page:
+            break
+        brk, verified_position, verified_hash = find_break(((e.chained(), e.hash) for e in page), head_hash, position)
+        if brk is not None:
+            problem = f"hash chain broken at position {brk.position}: {brk.reason}"
+            return VerifyReport(ok=False, events=count, head_position=verified_position, head_hash=verified_hash.hex(),
+                                checkpoint=checkpoint, rows={}, skipped_events=skipped, chain_break=brk.position,
+                                problem=problem)
+        replayed = [event for event in page if event.position <= checkpoint]
+        if replayed:
+            skipped += len(await writer.apply(connection, replayed))
+        position, head_hash, count = verified_position, verified_hash, count + len(page)
+
+    def report(problem: str | None = None, difference: Difference | None = None, rows: dict[str, int] | None = None):
+        return VerifyReport(ok=problem is None, events=count, head_position=position, head_hash=head_hash.hex(),
+                            checkpoint=checkpoint, rows=rows or {}, skipped_events=skipped, problem=problem,
+                            difference=difference)
+
+    if checkpoint > position:
+        return report(f"the checkpoint ({checkpoint}) is beyond the last event ({position})")
+    for check in outside_checks:
+        problem = await check(connection, position, head_hash)
+        if problem is not None:
+            return report(problem)
+
+    rows: dict[str, int] = {}
+    for table, key, order in COMPARED_TABLES:
+        difference = await first_difference(connection, table, key, order)
+        if difference is not None:
+            return report(difference.describe(), difference)
+        rows[table] = await connection.fetchval(f"SELECT count(*) FROM {quote_ident(LIVE_SCHEMA)}.{quote_ident(table)}")
+    return report(rows=rows)
+
+
+async def _columns(connection: asyncpg.Connection, schema: str, table: str) -> list[str]:
+    rows = await connection.fetch(
+        """
+        SELECT a.attname FROM pg_attribute AS a
+        WHERE a.attrelid = (
+            SELECT c.oid FROM pg_class AS c
+            WHERE c.relname = $2 AND c.relnamespace = (
+                CASE WHEN $1 = 'pg_temp' THEN pg_my_temp_schema() ELSE $1::regnamespace END))
+          AND a.attnum > 0 AND NOT a.attisdropped
+        ORDER BY a.attnum
+        """,
+        schema,
+        table,
+    )
+    return [row[0] for row in rows]
+
+
+async def first_difference(connection: asyncpg.Connection, table: str, key: str, order: str) -> Difference | None:
+    """The first row (by `order`) where the live table and the replayed one differ."""
+    live_columns = await _columns(connection, LIVE_SCHEMA, table)
+    scratch_columns = await _columns(connection, SCRATCH_SCHEMA, table)
+    if live_columns != scratch_columns:
+        extra = sorted(set(live_columns) ^ set(scratch_columns)) or ["(column order)"]
+        return Difference(table=table, key="*", column=", ".join(extra), live=str(live_columns),
+                          replayed=str(scratch_columns))
+    k, o = quote_ident(key), quote_ident(order)
+    # Compared as text: exact for float8 (shortest round-trip spelling, -0 kept) and canonical
+    # for jsonb; json would not compare at all.
+    differs = [f"l.{quote_ident(c)}::text IS DISTINCT FROM s.{quote_ident(c)}::text" for c in live_columns]
+    flags = ", ".join(f"({d})" for d in differs)
+    live = f"{quote_ident(LIVE_SCHEMA)}.{quote_ident(table)}"
+    scratch = f"{quote_ident(SCRATCH_SCHEMA)}.{quote_ident(table)}"
+    row = await connection.fetchrow(
+        f"""
+        SELECT coalesce(l.{k}, s.{k})::text AS key, l.{k} IS NULL AS no_live, s.{k} IS NULL AS no_replayed,
+               ARRAY[{flags}] AS flags, to_jsonb(l)::text AS live_row, to_jsonb(s)::text AS replayed_row
+        FROM {live} AS l FULL JOIN {scratch} AS s ON l.{k} = s.{k}
+        WHERE l.{k} IS NULL OR s.{k} IS NULL OR {" OR ".join(differs)}
+        ORDER BY coalesce(l.{o}, s.{o}), 1
+        LIMIT 1
+        """
+    )
+    if row is None:
+        return None
+    if row["no_live"] or row["no_replayed"]:
+        return Difference(table=table, key=f"{key}={row['key']}", column=None, live=row["live_row"],
+                          replayed=row["replayed_row"])
+    column = live_columns[row["flags"].index(True)]
+    values = await connection.fetchrow(
+        f"SELECT (SELECT {quote_ident(column)}::text FROM {live} WHERE {k}::text = $1) AS live, "
+        f"(SELECT {quote_ident(column)}::text FROM {scratch} WHERE {k}::text = $1) AS replayed",
+        row["key"],
+    )
+    return Difference(table=table, key=f"{key}={row['key']}", column=column, live=values["live"],
+                      replayed=values["replayed"])

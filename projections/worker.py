@@ -1,0 +1,222 @@
+"""The projection worker: one active per projection across all processes, supervised.
+
+Each runner keeps one dedicated, long-lived connection (never a pooled one: a pool runs
+`UNLISTEN *` on release). On it the runner waits for a session-level advisory lock (a standby
+polls for it), LISTENs for the event store's NOTIFY, and applies batches. A notification wakes it
+at once; a poll every `poll_interval_s` covers notifications lost while it was disconnected. Any
+failure closes the connection, which also releases the lock, and reconnects after a growing
+backoff; a standby elsewhere may take over meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import inspect
+import logging
+from collections.abc import Awaitable, Callable
+
+import asyncpg
+
+from db.store import NOTIFY_CHANNEL
+from projections.read_model import (
+    CHECKPOINTS_TABLE,
+    LIVE_SCHEMA,
+    READ_MODEL,
+    CheckpointMoved,
+    ReadModelWriter,
+    project_batch,
+)
+
+log = logging.getLogger(__name__)
+
+OnApplied = Callable[[int, int], Awaitable[None] | None]  # (checkpoint, events in the batch)
+
+
+def projection_lock_key(name: str) -> int:
+    """The advisory lock key electing the active worker of one projection (signed 64-bit)."""
+    return int.from_bytes(hashlib.sha256(f"projection:{name}".encode()).digest()[:8], "big", signed=True)
+
+
+def worker_server_settings(name: str) -> dict[str, str]:
+    return {
+        "application_name": f"projection:{name}"[:63],
+        # A worker whose host vanished (no FIN) must lose its session, and so the lock, within
+        # seconds: TCP keepalives (ignored on Unix sockets, where a dead peer is seen at once) ...
+        "tcp_keepalives_idle": "5",
+        "tcp_keepalives_interval": "2",
+        "tcp_keepalives_count": "3",
+        # ... and a frozen worker mid-transaction must not hold its batch's locks forever.
+        "idle_in_transaction_session_timeout": "30000",
+        # A rebuild's swap holds the checkpoint row briefly; wait for it, but not forever.
+        "lock_timeout": "30000",
+    }
+
+
+class ProjectionRunner:
+    """Keeps the read model up to date while it holds its projection's lock.
+
+    `start()` returns at once; `stop()` drains (the batch in hand is finished and committed) and
+    releases the lock. `is_active` is true while this runner holds the lock.
+    """
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        poll_interval_s: float = 1.0,
+        batch_size: int = 1000,
+        on_applied: OnApplied | None = None,
+        name: str = READ_MODEL,
+        lock_poll_s: float = 1.0,
+        backoff_initial_s: float = 0.1,
+        backoff_max_s: float = 5.0,
+        connect_timeout_s: float = 5.0,
+        command_timeout_s: float = 60.0,
+        drain_timeout_s: float = 30.0,
+    ) -> None:
+        self._dsn = dsn
+        self._poll_interval_s = poll_interval_s
+        self._batch_size = batch_size
+        self._on_applied = on_applied
+        self.name = name
+        self._lock_poll_s = lock_poll_s
+        self._backoff_initial_s = backoff_initial_s
+        self._backoff_max_s = backoff_max_s
+        self._connect_timeout_s = connect_timeout_s
+        self._command_timeout_s = command_timeout_s
+        self._drain_timeout_s = drain_timeout_s
+        self._writer = ReadModelWriter(LIVE_SCHEMA)
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._active = False
+        self.position: int | None = None  # the checkpoint as of this runner's last batch
+        self.events_applied = 0
+        self.events_skipped = 0
+        self.restarts = 0
+
+    @property
+    def is_active(self) -> bool:
+        return self._active
+
+    async def start(self) -> None:
+        if self._task is None or self._task.done():
+            self._stopping.clear()
+            self._task = asyncio.create_task(self._supervise(), name=f"projection:{self.name}")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is None:
+            return
+        self._stopping.set()
+        self._wake.set()
+        try:
+            await asyncio.wait_for(asyncio.shield(task), self._drain_timeout_s)
+        except TimeoutError:
+            log.warning("projection %s did not drain in %.0f s; cancelling it", self.name, self._drain_timeout_s)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    # ---- supervision -----------------------------------------------------------------------
+
+    async def _supervise(self) -> None:
+        backoff = self._backoff_initial_s
+        while not self._stopping.is_set():
+            connection: asyncpg.Connection | None = None
+            try:
+                connection = await asyncpg.connect(
+                    self._dsn,
+                    timeout=self._connect_timeout_s,
+                    command_timeout=self._command_timeout_s,
+                    server_settings=worker_server_settings(self.name),
+                )
+                connection.add_termination_listener(lambda _connection: self._wake.set())
+                await self._serve(connection)
+                backoff = self._backoff_initial_s
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # noqa: BLE001 - supervised: any failure restarts the worker
+                self.restarts += 1
+                log.warning("projection %s worker failed (%s: %s); restarting in %.1f s",
+                            self.name, type(error).__name__, error, backoff)
+            finally:
+                self._active = False
+                if connection is not None:
+                    await _close(connection)
+            if not self._stopping.is_set():
+                await self._sleep(backoff)
+                backoff = min(backoff * 2, self._backoff_max_s)
+
+    async def _serve(self, connection: asyncpg.Connection) -> None:
+        key = projection_lock_key(self.name)
+        while not await connection.fetchval("SELECT pg_try_advisory_lock($1)", key):
+            if await self._sleep(self._lock_poll_s):
+                return
+        self._active = True
+        log.info("projection %s: this worker is active", self.name)
+        await connection.add_listener(NOTIFY_CHANNEL, self._notified)
+        await connection.execute(
+            f"INSERT INTO {CHECKPOINTS_TABLE} (name, position) VALUES ($1, 0) ON CONFLICT (name) DO NOTHING", self.name
+        )
+        position = await connection.fetchval(f"SELECT position FROM {CHECKPOINTS_TABLE} WHERE name = $1", self.name)
+        self.position = position
+        while not self._stopping.is_set():
+            if connection.is_closed():
+                raise ConnectionError("the worker's connection closed")
+            # Cleared before reading, so a notification that lands during the batch is not lost.
+            self._wake.clear()
+            try:
+                position, count, errors = await project_batch(
+                    connection, self._writer, name=self.name, expected=position, batch_size=self._batch_size
+                )
+            except CheckpointMoved as moved:
+                log.warning("projection %s: %s; continuing from there", self.name, moved)
+                position = await connection.fetchval(
+                    f"SELECT position FROM {CHECKPOINTS_TABLE} WHERE name = $1", self.name
+                )
+                continue
+            self.position = position
+            if count:
+                self.events_applied += count
+                self.events_skipped += len(errors)
+                await self._report(position, count)
+                if count == self._batch_size:
+                    continue  # more may be waiting: no need for a wake-up
+            await self._wait_for_work()
+
+    # ---- waiting --------------------------------------------------------------------------
+
+    def _notified(self, _connection: object, _pid: int, _channel: str, payload: str) -> None:
+        self._wake.set()
+
+    async def _wait_for_work(self) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), self._poll_interval_s)
+
+    async def _sleep(self, seconds: float) -> bool:
+        """Sleep unless stopped meanwhile; true when stopping."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+        return self._stopping.is_set()
+
+    async def _report(self, position: int, count: int) -> None:
+        if self._on_applied is None:
+            return
+        try:
+            result = self._on_applied(position, count)
+            if inspect.isawaitable(result):
+                await result
+        except Exception:  # noqa: BLE001 - a broken observer must not stop the projection
+            log.exception("projection %s: on_applied failed", self.name)
+
+
+async def _close(connection: asyncpg.Connection) -> None:
+    if connection.is_closed():
+        return
+    try:
+        await asyncio.wait_for(connection.close(), 2.0)
+    except Exception:  # noqa: BLE001 - the server may be gone already
+        connection.terminate()

@@ -1,0 +1,200 @@
+"""Helpers for the projection tests: more kinds of streams, raw events, waiting, a TCP proxy."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
+
+import asyncpg
+
+from db.store import APPEND_LOCK_KEY, AppendRequest, EventStore
+from domain.chain import GENESIS_HASH, ChainedRecord, link, to_microseconds
+from domain.events import BlobErased, ModelRegistered, PredictionFailed
+from domain.streams import erasure_stream_id, model_stream_id
+from tests.factories import MODEL, prediction_request
+
+
+def failed_request(*, label: str = "") -> AppendRequest:
+    request = prediction_request(label=label)
+    failed = PredictionFailed(error_code="non_finite_output", message="the model answered NaN", model=MODEL,
+                              device="/device:CPU:0")
+    return AppendRequest(
+        stream_id=request.stream_id,
+        expected_version=0,
+        events=[request.events[0], failed],
+        metadata=request.metadata,
+        blobs=request.blobs,
+    )
+
+
+def model_registration() -> AppendRequest:
+    registered = ModelRegistered(model=MODEL, size_bytes=10, input_shape=[28, 28, 1], output_kind="vector",
+                                 num_classes=10, runtime={"tensorflow": "test"})
+    return AppendRequest(stream_id=model_stream_id(MODEL.sha256), expected_version=0, events=[registered])
+
+
+def erasure(blob_sha256: str) -> AppendRequest:
+    return AppendRequest(stream_id=erasure_stream_id(blob_sha256), expected_version=0,
+                         events=[BlobErased(blob_sha256=blob_sha256, reason="test")])
+
+
+async def append(store: EventStore, *requests: AppendRequest) -> int:
+    """Append and return the head position; fails the test on any refusal."""
+    outcomes = await store.append(list(requests))
+    for outcome in outcomes:
+        assert hasattr(outcome, "head_position"), outcome
+    return outcomes[-1].head_position  # type: ignore[union-attr]
+
+
+async def append_raw(
+    connection: asyncpg.Connection,
+    event_type: str,
+    data: str,
+    *,
+    stream_id: uuid.UUID | None = None,
+    stream_version: int = 1,
+    schema_version: int = 1,
+    metadata: str = "{}",
+) -> int:
+    """Append one event the domain would refuse to encode (unknown type, bad data), correctly
+    chained and without a NOTIFY. Returns its position."""
+    stream_id = stream_id or uuid.uuid4()
+    async with connection.transaction():
+        await connection.execute("SELECT pg_advisory_xact_lock($1)", APPEND_LOCK_KEY)
+        head = await connection.fetchrow("SELECT position, hash FROM events ORDER BY position DESC LIMIT 1")
+        position = (head["position"] if head else 0) + 1
+        previous = bytes(head["hash"]) if head else GENESIS_HASH
+        recorded_at = await connection.fetchval("SELECT clock_timestamp()")
+        record = ChainedRecord(position=position, stream_id=str(stream_id), stream_version=stream_version,
+                               event_type=event_type, schema_version=schema_version,
+                               recorded_at_us=to_microseconds(recorded_at), data=data, metadata=metadata)
+        await connection.execute(
+            "INSERT INTO events (position, stream_id, stream_version, event_type, schema_version, data, metadata,"
+            " recorded_at, hash) VALUES ($1, $2, $3, $4, $5, $6::json, $7::json, $8, $9)",
+            position, stream_id, stream_version, event_type, schema_version, data, metadata, recorded_at,
+            link(previous, record),
+        )
+    return position
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float = 5.0, interval_s: float = 0.02) -> float:
+    """Wait until `check()` is true; returns the seconds it took. Fails after the timeout."""
+    started = time.monotonic()
+    while True:
+        if await check():
+            return time.monotonic() - started
+        if time.monotonic() - started > timeout_s:
+            raise AssertionError(f"not true within {timeout_s} s")
+        await asyncio.sleep(interval_s)
+
+
+async def checkpoint_of(connection: asyncpg.Connection | asyncpg.Pool) -> int:
+    return await connection.fetchval("SELECT position FROM projection_checkpoints WHERE name = 'read_model'")
+
+
+async def head_of(connection: asyncpg.Connection | asyncpg.Pool) -> int:
+    return await connection.fetchval("SELECT coalesce(max(position), 0) FROM events")
+
+
+async def caught_up(connection: asyncpg.Connection | asyncpg.Pool, timeout_s: float = 5.0) -> None:
+    head = await head_of(connection)
+    await eventually(lambda: _at_least(connection, head), timeout_s)
+
+
+async def _at_least(connection: asyncpg.Connection | asyncpg.Pool, position: int) -> bool:
+    return await checkpoint_of(connection) >= position
+
+
+async def waiting_on_lock(connection: asyncpg.Connection, application_name: str = "projection:read_model") -> bool:
+    """Is a worker's backend blocked on a heavyweight lock (i.e. mid-batch behind a test's lock)?"""
+    return bool(
+        await connection.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 AND wait_event_type = 'Lock'"
+            " AND datname = current_database()",
+            application_name,
+        )
+    )
+
+
+async def lock_holders(connection: asyncpg.Connection) -> int:
+    """Sessions holding the read model's projection lock."""
+    from projections.worker import projection_lock_key
+
+    key = projection_lock_key("read_model")
+    # A bigint advisory key shows as (classid = high 32 bits, objid = low 32 bits, objsubid = 1).
+    unsigned = key & 0xFFFFFFFFFFFFFFFF
+    return await connection.fetchval(
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 1"
+        " AND classid::bigint = $1 AND objid::bigint = $2 AND database = (SELECT oid FROM pg_database"
+        " WHERE datname = current_database())",
+        unsigned >> 32,
+        unsigned & 0xFFFFFFFF,
+    )
+
+
+def digest_of(request: AppendRequest) -> str:
+    return hashlib.sha256(next(iter(request.blobs.values()))).hexdigest()
+
+
+class TcpProxy:
+    """A TCP proxy in front of the database that the test can take down and bring back, so an
+    outage is simulated without touching the (possibly shared) server."""
+
+    def __init__(self, dsn: str) -> None:
+        parts = urlsplit(dsn)
+        query = dict(parse_qsl(parts.query))
+        self._dsn_parts = parts
+        self._socket_dir = query.get("host")
+        self._upstream_host = parts.hostname or "127.0.0.1"
+        self._upstream_port = parts.port or 5432
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self.port = 0
+
+    @property
+    def dsn(self) -> str:
+        user = self._dsn_parts.netloc.rpartition("@")[0]
+        return urlunsplit(("postgresql", f"{user}@127.0.0.1:{self.port}", self._dsn_parts.path, "", ""))
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        """The database 'goes away': refuse new connections and cut the open ones."""
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+        for writer in list(self._writers):
+            writer.transport.abort()
+        self._writers.clear()
+
+    async def _open_upstream(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        if self._socket_dir:
+            return await asyncio.open_unix_connection(f"{self._socket_dir}/.s.PGSQL.{self._upstream_port}")
+        return await asyncio.open_connection(self._upstream_host, self._upstream_port)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await self._open_upstream()
+        except OSError:
+            writer.transport.abort()
+            return
+        self._writers.update((writer, up_writer))
+
+        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(Exception):
+                while data := await source.read(65536):
+                    sink.write(data)
+                    await sink.drain()
+            sink.transport.abort()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        self._writers.discard(writer)
+        self._writers.discard(up_writer)

@@ -1,0 +1,342 @@
+"""The projection worker against PostgreSQL: applying, skipping, resuming, electing, waking."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import asyncpg
+import msgspec
+import pytest
+
+from db.store import EventStore
+from domain.events import encode_event
+from projections.queries import get_prediction, list_predictions
+from projections.read_model import CheckpointMoved, ReadModelWriter, project_batch
+from projections.worker import ProjectionRunner
+from tests.factories import prediction_request
+from tests.projection_support import (
+    TcpProxy,
+    append,
+    append_raw,
+    caught_up,
+    checkpoint_of,
+    digest_of,
+    erasure,
+    eventually,
+    failed_request,
+    head_of,
+    lock_holders,
+    model_registration,
+    waiting_on_lock,
+)
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def runner_for(dsn: str, **options) -> ProjectionRunner:
+    options.setdefault("poll_interval_s", 0.2)
+    options.setdefault("lock_poll_s", 0.1)
+    options.setdefault("backoff_initial_s", 0.05)
+    options.setdefault("backoff_max_s", 0.5)
+    return ProjectionRunner(dsn, **options)
+
+
+async def table_counts(connection) -> tuple[int, int, int]:
+    row = await connection.fetchrow(
+        "SELECT (SELECT count(*) FROM inputs), (SELECT count(*) FROM predictions),"
+        " (SELECT count(*) FROM projection_errors)"
+    )
+    return tuple(row)  # type: ignore[return-value]
+
+
+async def test_worker_projects_made_and_failed_predictions(database, app_pool, owner):
+    store = EventStore(app_pool)
+    made = [prediction_request(label=str(i)) for i in range(3)]
+    failed = failed_request(label="f")
+    await append(store, model_registration(), *made, failed)
+    runner = runner_for(database.app_dsn)
+    await runner.start()
+    try:
+        await caught_up(owner)
+        assert runner.is_active
+        assert await table_counts(owner) == (4, 4, 0)
+
+        view = await get_prediction(app_pool, made[1].stream_id)
+        assert view is not None and view.status == "made" and view.error is None
+        assert view.output == made[1].events[1].output and view.likely_class == 9
+        assert view.filename == "digit1.png" and view.image.width == 28
+        assert str(view.input_id) == made[1].events[0].input_id
+        assert view.blob_sha256 == digest_of(made[1]) and not view.erased
+
+        bad = await get_prediction(app_pool, failed.stream_id)
+        assert bad is not None and bad.status == "failed" and bad.output is None and bad.likely_class is None
+        assert bad.error is not None and bad.error.code == "non_finite_output"
+
+        items, cursor = await list_predictions(app_pool, limit=10)
+        assert [v.prediction_id for v in items] == [failed.stream_id] + [r.stream_id for r in reversed(made)]
+        assert cursor is None
+        page, cursor = await list_predictions(app_pool, limit=2)
+        assert len(page) == 2 and cursor == page[-1].position
+        rest, cursor = await list_predictions(app_pool, limit=2, before_position=cursor)
+        assert [v.prediction_id for v in page + rest] == [v.prediction_id for v in items] and cursor is None
+        assert [v.status for v in (await list_predictions(app_pool, limit=10, likely_class=9))[0]] == ["made"] * 3
+        assert (await list_predictions(app_pool, limit=10, model_version="nope"))[0] == []
+        since = items[1].recorded_at
+        assert all(v.recorded_at >= since for v in (await list_predictions(app_pool, limit=10, since=since))[0])
+        assert (await list_predictions(app_pool, limit=10, until=items[-1].recorded_at))[0] == []
+
+        # An erasure marks the inputs of its blob recorded before it, not a later upload of it.
+        again = prediction_request(content=next(iter(made[0].blobs.values())))
+        await append(store, erasure(digest_of(made[0])), again)
+        await caught_up(owner)
+        assert (await get_prediction(app_pool, made[0].stream_id)).erased
+        assert not (await get_prediction(app_pool, again.stream_id)).erased
+        assert not (await get_prediction(app_pool, made[1].stream_id)).erased
+    finally:
+        await runner.stop()
+    assert not runner.is_active
+
+
+async def test_bad_and_unknown_events_are_reported_and_skipped_without_looping(database, app_pool, owner):
+    store = EventStore(app_pool)
+    before = prediction_request(label="before")
+    nul = prediction_request(label="nul")
+    nul.events[0] = msgspec.structs.replace(nul.events[0], filename="a\x00b.png")
+    await append(store, before, nul)  # json (not jsonb) keeps \u0000: the log accepts it
+    unknown = await append_raw(owner, "SomethingNew", '{"x": 1}')
+    newer = await append_raw(owner, "PredictionMade", '{"output": []}', schema_version=99)
+    undecodable = await append_raw(owner, "PredictionMade", '{"output": "not a list"}')
+    bad_input_id = await append_raw(
+        owner, "PredictionRequested", json.dumps({**json.loads(encode_event(before.events[0])), "input_id": "x"})
+    )
+    after = prediction_request(label="after")
+    await append(store, after)
+
+    runner = runner_for(database.app_dsn, batch_size=1000)
+    await runner.start()
+    try:
+        await caught_up(owner)
+        errors = {row["position"]: row for row in await owner.fetch("SELECT * FROM projection_errors")}
+        nul_request, nul_outcome = 3, 4
+        assert set(errors) == {nul_request, nul_outcome, unknown, newer, undecodable, bad_input_id}
+        assert errors[nul_request]["reason"] == "rejected" and "CharacterNotInRepertoire" in errors[nul_request]["detail"]
+        assert errors[nul_outcome]["reason"] == "rejected"
+        assert errors[unknown]["reason"] == "unknown_event" and errors[newer]["reason"] == "unknown_event"
+        assert errors[undecodable]["reason"] == "undecodable"
+        assert errors[bad_input_id]["reason"] == "undecodable"
+        assert await get_prediction(app_pool, before.stream_id) is not None
+        assert await get_prediction(app_pool, after.stream_id) is not None
+        assert await get_prediction(app_pool, nul.stream_id) is None
+        applied = runner.events_applied
+        await asyncio.sleep(0.5)  # a few polls: nothing is retried
+        assert runner.events_applied == applied and runner.events_skipped == 6
+        assert await table_counts(owner) == (2, 2, 6)
+    finally:
+        await runner.stop()
+
+
+async def test_cancelled_mid_batch_resumes_without_duplicates_or_gaps(database, app_pool, owner):
+    store = EventStore(app_pool)
+    requests = [prediction_request(label=str(i)) for i in range(20)]
+    await append(store, *requests)
+    blocker = await asyncpg.connect(database.owner_dsn)
+    runner = runner_for(database.app_dsn, batch_size=7)
+    try:
+        async with blocker.transaction():
+            # The worker's first batch writes its inputs, then blocks on predictions: mid-batch.
+            await blocker.execute("LOCK TABLE predictions IN ACCESS EXCLUSIVE MODE")
+            await runner.start()
+            await eventually(lambda: waiting_on_lock(owner))
+            runner._task.cancel()  # type: ignore[union-attr]
+            with pytest.raises(asyncio.CancelledError):
+                await runner._task  # type: ignore[misc]
+        assert await checkpoint_of(owner) == 0
+        assert await table_counts(owner) == (0, 0, 0)
+    finally:
+        await blocker.close()
+    second = runner_for(database.app_dsn, batch_size=7)
+    await second.start()
+    try:
+        await caught_up(owner)
+        assert await table_counts(owner) == (20, 20, 0)
+        positions = [r[0] for r in await owner.fetch("SELECT position FROM predictions ORDER BY position")]
+        assert positions == list(range(2, 41, 2))
+    finally:
+        await second.stop()
+
+
+def _spawn_worker(database, **env) -> subprocess.Popen:
+    environment = {
+        **os.environ,
+        "DATABASE_URL": database.owner_dsn,
+        "APP_DATABASE_URL": database.app_dsn,
+        "PROJECTION_POLL_S": "0.2",
+        "PROJECTION_LOCK_POLL_S": "0.1",
+        "PYTHONPATH": str(PROJECT_ROOT),
+        **env,
+    }
+    return subprocess.Popen([sys.executable, "-m", "projections", "run", "--batch-size", "7"], cwd=PROJECT_ROOT,
+                            env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+async def test_killed_worker_process_resumes_and_the_standby_takes_over(database, app_pool, owner):
+    store = EventStore(app_pool)
+    await append(store, *[prediction_request(label=str(i)) for i in range(20)])
+    blocker = await asyncpg.connect(database.owner_dsn)
+    process = _spawn_worker(database)
+    standby = runner_for(database.app_dsn, batch_size=7)
+    try:
+        async with blocker.transaction():
+            await blocker.execute("LOCK TABLE predictions IN ACCESS EXCLUSIVE MODE")
+            await eventually(lambda: waiting_on_lock(owner), timeout_s=8)
+            await standby.start()
+            await asyncio.sleep(0.3)
+            assert not standby.is_active and await lock_holders(owner) == 1
+            process.send_signal(signal.SIGKILL)
+            process.wait(5)
+        # The killed worker's backend finds its client gone once its statement gets the lock,
+        # rolls back and drops the projection lock: the standby takes over.
+        took = await eventually(lambda: _is_active(standby), timeout_s=15)
+        assert took < 15
+        await caught_up(owner)
+        assert await table_counts(owner) == (20, 20, 0)
+        positions = [r[0] for r in await owner.fetch("SELECT position FROM predictions ORDER BY position")]
+        assert positions == list(range(2, 41, 2))
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(5)
+        await standby.stop()
+        await blocker.close()
+
+
+async def _is_active(runner: ProjectionRunner) -> bool:
+    return runner.is_active
+
+
+async def test_two_workers_exactly_one_active_and_failover_on_stop(database, app_pool, owner):
+    store = EventStore(app_pool)
+    first, second = runner_for(database.app_dsn), runner_for(database.app_dsn)
+    await first.start()
+    await eventually(lambda: _is_active(first))
+    await second.start()
+    try:
+        await append(store, prediction_request())
+        await caught_up(owner)
+        await asyncio.sleep(0.3)  # several lock polls
+        assert first.is_active and not second.is_active and await lock_holders(owner) == 1
+        await first.stop()
+        took = await eventually(lambda: _is_active(second), timeout_s=15)
+        assert took < 15
+        await append(store, prediction_request())
+        await caught_up(owner)
+        assert await table_counts(owner) == (2, 2, 0)
+        assert first.events_applied == 2 and second.events_applied == 2
+    finally:
+        await first.stop()
+        await second.stop()
+
+
+async def test_a_deposed_workers_late_write_is_refused(database, app_pool, owner):
+    store = EventStore(app_pool)
+    await append(store, prediction_request(), prediction_request())
+    writer = ReadModelWriter()
+    deposed = await asyncpg.connect(database.app_dsn)
+    successor = await asyncpg.connect(database.app_dsn)
+    try:
+        # Both saw checkpoint 0; the successor applies first.
+        position, count, _ = await project_batch(successor, writer, name="read_model", expected=0, batch_size=100)
+        assert (position, count) == (4, 4)
+        with pytest.raises(CheckpointMoved):
+            await project_batch(deposed, writer, name="read_model", expected=0, batch_size=100)
+        assert await table_counts(owner) == (2, 2, 0) and await checkpoint_of(owner) == 4
+        # The compare-and-set itself refuses a stale position, whatever came before it.
+        async with deposed.transaction():
+            status = await deposed.execute(
+                "UPDATE projection_checkpoints SET position = 99 WHERE name = 'read_model' AND position = 0"
+            )
+        assert status == "UPDATE 0"
+    finally:
+        await deposed.close()
+        await successor.close()
+
+
+async def test_notify_wakes_the_worker_promptly(database, app_pool, owner):
+    store = EventStore(app_pool)
+    runner = runner_for(database.app_dsn, poll_interval_s=30)
+    await runner.start()
+    try:
+        await eventually(lambda: _is_active(runner))
+        await asyncio.sleep(0.1)  # past the first (empty) batch: now waiting for a notification
+        await append(store, prediction_request())
+        took = await eventually(lambda: _checkpoint_is(owner, 2), timeout_s=5, interval_s=0.005)
+        assert took < 1.0
+    finally:
+        await runner.stop()
+
+
+async def _checkpoint_is(connection, position: int) -> bool:
+    return await checkpoint_of(connection) == position
+
+
+async def test_polling_catches_up_when_notifications_are_missed(database, app_pool, owner):
+    runner = runner_for(database.app_dsn, poll_interval_s=0.2)
+    await runner.start()
+    try:
+        await eventually(lambda: _is_active(runner))
+        # Appended without a NOTIFY: only the poll can find it.
+        position = await append_raw(owner, "ModelRegistered", encode_event(model_registration().events[0]))
+        await eventually(lambda: _checkpoint_is(owner, position), timeout_s=3)
+    finally:
+        await runner.stop()
+
+
+async def test_the_worker_reconnects_when_the_database_goes_away_and_comes_back(database, app_pool, owner):
+    proxy = TcpProxy(database.app_dsn)
+    await proxy.start()
+    store = EventStore(app_pool)
+    runner = runner_for(proxy.dsn, poll_interval_s=0.2, connect_timeout_s=1)
+    await runner.start()
+    try:
+        await eventually(lambda: _is_active(runner))
+        await proxy.stop()
+        await append(store, prediction_request())  # notified while the worker is cut off
+        await eventually(lambda: _not_active(runner))
+        await asyncio.sleep(0.3)  # a few failed reconnects
+        await proxy.start()
+        await caught_up(owner, timeout_s=5)
+        assert runner.is_active and runner.restarts >= 1
+        assert await table_counts(owner) == (1, 1, 0)
+    finally:
+        await runner.stop()
+        await proxy.stop()
+
+
+async def _not_active(runner: ProjectionRunner) -> bool:
+    return not runner.is_active
+
+
+async def test_stop_drains_the_batch_in_hand(database, app_pool, owner):
+    store = EventStore(app_pool)
+    await append(store, *[prediction_request() for _ in range(10)])
+    blocker = await asyncpg.connect(database.owner_dsn)
+    runner = runner_for(database.app_dsn)
+    try:
+        async with blocker.transaction():
+            await blocker.execute("LOCK TABLE predictions IN ACCESS EXCLUSIVE MODE")
+            await runner.start()
+            await eventually(lambda: waiting_on_lock(owner))
+            stopping = asyncio.create_task(runner.stop())
+            await asyncio.sleep(0.2)
+            assert not stopping.done()  # waiting for its batch
+        await asyncio.wait_for(stopping, 5)
+        assert await checkpoint_of(owner) == await head_of(owner) == 20
+        assert await table_counts(owner) == (10, 10, 0)
+    finally:
+        await blocker.close()
