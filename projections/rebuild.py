@@ -32,6 +32,7 @@ READ_MODEL_TABLES = ("inputs", "predictions", "projection_errors")
 class RebuildReport(msgspec.Struct, frozen=True):
     position: int  # the checkpoint the rebuilt tables were swapped in at
     events: int  # events replayed
+    swap_events: int  # of which applied inside the swap transaction (caught up with the worker)
     skipped: int  # events stepped over (recorded in projection_errors)
     build_s: float
     swap_s: float
@@ -92,7 +93,7 @@ async def rebuild(
             swapped = True
             events += applied
             skipped += skipped_now
-            return RebuildReport(position=position, events=events, skipped=skipped, build_s=build_s,
+            return RebuildReport(position=position, events=events, swap_events=applied, skipped=skipped, build_s=build_s,
                                  swap_s=time.perf_counter() - started, swap_attempts=attempt)
         raise RebuildError(f"could not swap the rebuilt tables in after {swap_attempts} attempts")
     finally:
