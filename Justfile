@@ -7,6 +7,7 @@ export PYTHONPATH := justfile_directory()
 export TF_CPP_MIN_LOG_LEVEL := env("TF_CPP_MIN_LOG_LEVEL", "2")
 
 uv := `command -v uv 2>/dev/null || echo "python3 -m uv"`
+run := uv + " run --frozen --no-sync"
 
 # list the recipes
 default:
@@ -21,9 +22,44 @@ setup:
 # serve on HOST:PORT (default 127.0.0.1:8000); embedded PostgreSQL unless DATABASE_URL is set
 [group('run')]
 serve: setup
-    {{uv}} run --frozen --no-sync python -m service
+    {{run}} python -m service
 
-# run the test suite (embedded PostgreSQL unless DATABASE_URL is set)
+# run the projection worker as its own process (one active per projection; others stand by)
+[group('run')]
+project: setup
+    {{run}} python -m projections run
+
+# run the test suite (embedded PostgreSQL unless DATABASE_URL is set); extra args go to pytest
 [group('test')]
 test *ARGS: setup
-    {{uv}} run --frozen --no-sync pytest {{ARGS}}
+    {{run}} pytest {{ARGS}}
+
+# rebuild the read tables from position 0 and swap them in while the API keeps answering
+[group('audit')]
+rebuild: setup
+    {{run}} python -m projections rebuild
+
+# verify the hash chain, the outside checkpoints and the read tables (exit 1 names the first difference)
+[group('audit')]
+verify *ARGS: setup
+    {{run}} python -m projections verify {{ARGS}}
+
+# print events as NDJSON (e.g. `just replay --after 100`)
+[group('audit')]
+replay *ARGS: setup
+    {{run}} python -m projections replay {{ARGS}}
+
+# re-run the recorded model on the stored bytes of a prediction and compare
+[group('audit')]
+reproduce ID: setup
+    {{run}} python -m service.reproduce {{ID}}
+
+# retrain the default model from a local .npz (`--online` uses Keras' MNIST download instead)
+[group('model')]
+train *ARGS: setup
+    {{run}} python saved_model/train.py {{ARGS}}
+
+# model-only throughput and latency by batch size
+[group('bench')]
+bench-model *ARGS: setup
+    {{run}} python bench/model_bench.py {{ARGS}}

@@ -313,29 +313,41 @@ class EventStore:
             outcomes[index] = Committed(requests[index].stream_id, stored, position, previous_hash)
         return outcomes  # type: ignore[return-value]
 
-    # ---- reads ---------------------------------------------------------------------------
+    # ---- reads (a connection failure surfaces as DatabaseUnavailable) -------------------
 
     async def read_all(self, after: int = 0, limit: int = 1000) -> list[StoredEvent]:
-        rows = await self.pool.fetch(
+        rows = await self._fetch(
             f"SELECT {_EVENT_COLUMNS} FROM events WHERE position > $1 ORDER BY position LIMIT $2", after, limit
         )
         return [_stored(row) for row in rows]
 
     async def read_stream(self, stream_id: uuid.UUID) -> list[StoredEvent]:
-        rows = await self.pool.fetch(
+        rows = await self._fetch(
             f"SELECT {_EVENT_COLUMNS} FROM events WHERE stream_id = $1 ORDER BY stream_version", stream_id
         )
         return [_stored(row) for row in rows]
 
     async def head(self) -> tuple[int, bytes]:
-        row = await self.pool.fetchrow(_HEAD_SQL)
-        return (row["position"], bytes(row["hash"])) if row else (0, GENESIS_HASH)
+        rows = await self._fetch(_HEAD_SQL)
+        return (rows[0]["position"], bytes(rows[0]["hash"])) if rows else (0, GENESIS_HASH)
 
     async def read_blob(self, digest: bytes) -> bytes | None:
-        return await self.pool.fetchval("SELECT content FROM blobs WHERE sha256 = $1", digest)
+        rows = await self._fetch("SELECT content FROM blobs WHERE sha256 = $1", digest)
+        return rows[0]["content"] if rows else None
+
+    async def find_idempotency_key(self, key: str) -> tuple[bytes, uuid.UUID] | None:
+        rows = await self._fetch("SELECT request_sha256, stream_id FROM idempotency_keys WHERE key = $1", key)
+        return (bytes(rows[0]["request_sha256"]), rows[0]["stream_id"]) if rows else None
 
     async def log_id(self) -> uuid.UUID:
-        return await self.pool.fetchval("SELECT log_id FROM log_identity")
+        rows = await self._fetch("SELECT log_id FROM log_identity")
+        return rows[0]["log_id"]
+
+    async def _fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
+        try:
+            return await self.pool.fetch(query, *args)
+        except CONNECTION_ERRORS as error:
+            raise DatabaseUnavailable(f"database unavailable: {error}") from error
 
 
 def append_settings(*, lock_timeout_ms: int, statement_timeout_ms: int, idle_timeout_ms: int) -> dict[str, str]:

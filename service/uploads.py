@@ -1,0 +1,107 @@
+"""Reading an upload off the wire: a size limit, a deadline, and multipart or a raw body.
+
+uvicorn has no read timeout for bodies, so the deadline is ours. The whole body is held in memory
+(bounded by the upload limit): it is stored byte for byte anyway, and parsing multipart from
+memory avoids Litestar's spooled temporary file per upload.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from urllib.parse import unquote
+
+from litestar import Request
+from multipart import MultipartSegment, ParserError, PushMultipartParser  # type: ignore[import-untyped]
+from litestar._multipart import parse_content_header
+
+from domain.uploads import Upload
+from service.problems import Problem
+
+FILE_FIELD = "file"
+
+
+class ClientGone(Exception):
+    """The client disconnected before its body arrived: nothing is stored, nobody is answered."""
+
+
+async def read_body(request: Request, *, limit: int, deadline_s: float) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            if int(declared) > limit:
+                raise _too_large(limit)
+        except ValueError:
+            raise Problem(400, "bad_content_length", "Content-Length is not a number") from None
+    chunks: list[bytes] = []
+    received = 0
+    try:
+        async with asyncio.timeout(deadline_s):
+            while True:
+                message = await request.receive()
+                if message["type"] == "http.disconnect":
+                    raise ClientGone()
+                body = message.get("body", b"")
+                if body:
+                    received += len(body)
+                    if received > limit:
+                        raise _too_large(limit)
+                    chunks.append(body)
+                if not message.get("more_body", False):
+                    break
+    except TimeoutError:
+        raise Problem(
+            408, "body_timeout", f"the request body did not arrive within {deadline_s:g} s",
+            headers={"Connection": "close"},
+        ) from None
+    return b"".join(chunks)
+
+
+def _too_large(limit: int) -> Problem:
+    return Problem(413, "upload_too_large", f"uploads are limited to {limit} bytes", max_bytes=limit)
+
+
+def parse_upload(request: Request, body: bytes) -> Upload:
+    """A multipart form with a `file` field, or the image itself as the body."""
+    media_type, options = parse_content_header(request.headers.get("content-type", ""))
+    if media_type == "multipart/form-data":
+        return _from_multipart(body, options.get("boundary"))
+    if media_type in ("application/x-www-form-urlencoded", "text/plain", "application/json"):
+        raise Problem(
+            415, "unsupported_media_type",
+            "send the image as multipart/form-data (field `file`) or as the raw body with its image type",
+        )
+    filename = request.query_params.get("filename")
+    if filename is None and (header := request.headers.get("x-filename")) is not None:
+        try:  # headers are Latin-1 on the wire: X-Filename carries percent-encoded UTF-8
+            filename = unquote(header, errors="strict")
+        except UnicodeDecodeError:
+            raise Problem(400, "bad_filename_header", "X-Filename must be percent-encoded UTF-8") from None
+    return Upload(content=body, filename=filename, content_type=media_type or None)
+
+
+def _from_multipart(body: bytes, boundary: str | None) -> Upload:
+    if not boundary:
+        raise Problem(400, "bad_multipart", "multipart/form-data needs a boundary")
+    try:
+        parser = PushMultipartParser(
+            boundary.encode(), max_header_count=8, max_segment_count=16, strict=False
+        )
+        segment: MultipartSegment | None = None
+        found: tuple[MultipartSegment, bytearray] | None = None
+        current = bytearray()
+        for event in parser.parse(body):
+            if isinstance(event, MultipartSegment):
+                segment, current = event, bytearray()
+            elif event is None:
+                if segment is not None and segment.name == FILE_FIELD and found is None:
+                    found = (segment, current)
+                segment = None
+            elif segment is not None and segment.name == FILE_FIELD and found is None:
+                current += event
+        parser.close()
+    except ParserError as error:
+        raise Problem(400, "bad_multipart", f"the multipart body is malformed: {error}") from None
+    if found is None:
+        raise Problem(422, "missing_file", f"the multipart form has no `{FILE_FIELD}` field")
+    segment, content = found
+    return Upload(content=bytes(content), filename=segment.filename, content_type=segment.content_type)
