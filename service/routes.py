@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any
 from uuid import UUID
@@ -12,7 +12,7 @@ from uuid import UUID
 import msgspec
 from litestar import Request, Response, get, post
 from litestar.datastructures import State
-from litestar.openapi.spec import OpenAPIMediaType, Operation, RequestBody, Schema
+from litestar.openapi.spec import OpenAPIMediaType, OpenAPIResponse, Operation, RequestBody, Schema
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import HeaderParameter, PathParameter, QueryParameter
 from litestar.response import Stream
@@ -51,11 +51,38 @@ def _problem_spec(description: str) -> ResponseSpec:
     return ResponseSpec(data_container=dict[str, Any], description=description, media_type=PROBLEM_MEDIA_TYPE)
 
 
+_PROBLEM_SCHEMA = Schema(
+    type="object",  # type: ignore[arg-type]
+    description="RFC 9457 problem details (extra members such as prediction_id or receipt may follow)",
+    properties={
+        "type": Schema(type="string"),  # type: ignore[arg-type]
+        "title": Schema(type="string"),  # type: ignore[arg-type]
+        "status": Schema(type="integer"),  # type: ignore[arg-type]
+        "detail": Schema(type="string"),  # type: ignore[arg-type]
+        "instance": Schema(type="string"),  # type: ignore[arg-type]
+        "request_id": Schema(type="string"),  # type: ignore[arg-type]
+    },
+    required=["type", "title", "status", "detail"],
+)
+
+
 @dataclass
-class UploadOperation(Operation):
+class ProblemOperation(Operation):
+    """Every error answer is documented as application/problem+json (Litestar's generated 400
+    would say application/json)."""
+
+    def __post_init__(self) -> None:
+        for status, response in (self.responses or {}).items():
+            if isinstance(response, OpenAPIResponse) and status[:1] in ("4", "5"):
+                response.content = {PROBLEM_MEDIA_TYPE: OpenAPIMediaType(schema=_PROBLEM_SCHEMA)}
+
+
+@dataclass
+class UploadOperation(ProblemOperation):
     """The upload body is read by hand (multipart or raw image); this documents both forms."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         binary = Schema(type="string", format="binary")  # type: ignore[arg-type]
         self.request_body = RequestBody(
             required=True,
@@ -68,14 +95,6 @@ class UploadOperation(Operation):
                 **{media: OpenAPIMediaType(schema=binary) for media in [*_IMAGE_TYPES, "application/octet-stream"]},
             },
         )
-        self.parameters = [
-            *(self.parameters or []),
-        ]
-
-
-def _services(state: State):
-    services = state.runtime
-    return services
 
 
 # ---- predictions ---------------------------------------------------------------------------
@@ -147,6 +166,7 @@ async def create_prediction(
 
 @get(
     "/predictions/",
+    operation_class=ProblemOperation,
     summary="List predictions, newest first",
     tags=["predictions"],
     guards=[require_scope("read")],
@@ -184,6 +204,7 @@ async def list_predictions(
 
 @get(
     "/prediction/{prediction_id:uuid}",
+    operation_class=ProblemOperation,
     summary="One prediction, with its input's metadata and the original image as a data URI",
     tags=["predictions"],
     guards=[require_scope("read")],
@@ -208,6 +229,7 @@ async def get_prediction(state: State, prediction_id: Annotated[UUID, PathParame
 
 @get(
     "/input/{input_id:uuid}",
+    operation_class=ProblemOperation,
     summary="The original uploaded bytes",
     tags=["predictions"],
     guards=[require_scope("read")],
@@ -245,6 +267,7 @@ async def get_input(state: State, input_id: Annotated[UUID, PathParameter()]) ->
 
 @get(
     "/prediction/{prediction_id:uuid}/events",
+    operation_class=ProblemOperation,
     summary="A prediction's events in stream order, exactly as hashed",
     tags=["audit"],
     guards=[require_scope("audit")],
@@ -259,6 +282,7 @@ async def prediction_events(state: State, prediction_id: Annotated[UUID, PathPar
 
 @get(
     "/events",
+    operation_class=ProblemOperation,
     summary="Events in global order, as NDJSON, with their hashes (auditor replay)",
     tags=["audit"],
     guards=[require_scope("audit")],
@@ -290,7 +314,8 @@ async def events(
 # ---- model, metrics ------------------------------------------------------------------------
 
 
-@get("/model", summary="The model being served", tags=["model"], guards=[require_scope("read")])
+@get("/model", summary="The model being served", tags=["model"], guards=[require_scope("read")],
+     operation_class=ProblemOperation)
 async def model(state: State) -> ModelDescription:
     runtime = state.runtime
     info = runtime.require_model()
@@ -309,6 +334,7 @@ async def model(state: State) -> ModelDescription:
 
 @get(
     "/metrics",
+    operation_class=ProblemOperation,
     summary="Prometheus metrics",
     tags=["health"],
     guards=[require_scope("read")],
