@@ -63,3 +63,9 @@ train *ARGS: setup
 [group('bench')]
 bench-model *ARGS: setup
     {{run}} python bench/model_bench.py {{ARGS}}
+
+# end to end under wrk, beside the naive reference and the ceilings, on throwaway databases; writes BENCHMARKS.md (`just bench --profile` adds py-spy)
+[group('bench')]
+bench *ARGS: setup
+    @command -v wrk >/dev/null 2>&1 || (echo "installing wrk from Debian" && apt-get update -qq && apt-get install -y -qq wrk >/dev/null)
+    {{uv}} run --frozen --group bench python bench/run.py {{ARGS}}

@@ -4,6 +4,9 @@ One `INSERT … SELECT FROM unnest(…)` per table per batch. An event that cann
 data PostgreSQL refuses, such as a NUL in a text, an outcome without its request, an unknown type)
 is recorded in `projection_errors` and stepped over: the batch is retried one event at a time
 inside savepoints, so one bad event costs one batch a second pass and never stalls the worker.
+
+A batch is prepared (decoded into rows and columns: CPU only) apart from being written, so a bulk
+replay can prepare the next batch while PostgreSQL writes the previous one.
 """
 
 from __future__ import annotations
@@ -17,7 +20,17 @@ import asyncpg.exceptions._base as asyncpg_base
 import msgspec
 
 from db.store import StoredEvent
-from projections.rows import ErasureRow, InputRow, PredictionRow, Row, SkippedEvent, row_from_event
+from projections.rows import (
+    ErasureRow,
+    EventFields,
+    EventLike,
+    InputRow,
+    PredictionRow,
+    Row,
+    SkippedEvent,
+    fields_of,
+    row_from_fields,
+)
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +39,7 @@ LIVE_SCHEMA = "public"
 CHECKPOINTS_TABLE = "public.projection_checkpoints"
 
 EVENT_COLUMNS = "position, stream_id, stream_version, event_type, schema_version, data, metadata, recorded_at, hash"
+_PROJECTED_COLUMNS = "position, stream_id, event_type, schema_version, data, recorded_at"
 
 # What makes one event unappliable, as opposed to a database that is down or busy (which must
 # fail the batch, to be retried as a whole later).
@@ -34,6 +48,8 @@ DATA_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.IntegrityConstraintViolationError,  # class 23: duplicate outcome, missing input, ...
     asyncpg_base.DataError,  # refused by asyncpg's own encoder before it was sent
 )
+
+_json = msgspec.json.Encoder()
 
 
 def quote_ident(name: str) -> str:
@@ -56,47 +72,154 @@ class CheckpointMoved(Exception):
         self.expected, self.actual = expected, actual
 
 
-def stored_event(row: asyncpg.Record) -> StoredEvent:
-    return StoredEvent(
-        position=row[0],
-        stream_id=row[1],
-        stream_version=row[2],
-        event_type=row[3],
-        schema_version=row[4],
-        data=row[5],
-        metadata=row[6],
-        recorded_at=row[7],
-        hash=row[8],
-    )
-
-
 async def read_events(
     connection: asyncpg.Connection, after: int, limit: int, *, up_to: int | None = None
 ) -> list[StoredEvent]:
-    if up_to is None:
-        rows = await connection.fetch(
-            f"SELECT {EVENT_COLUMNS} FROM events WHERE position > $1 ORDER BY position LIMIT $2", after, limit
-        )
-    else:
-        rows = await connection.fetch(
-            f"SELECT {EVENT_COLUMNS} FROM events WHERE position > $1 AND position <= $3 ORDER BY position LIMIT $2",
-            after,
-            limit,
-            up_to,
-        )
-    return [stored_event(row) for row in rows]
+    """Whole events, in position order (for the chain, replay to auditors)."""
+    rows = await connection.fetch(
+        f"SELECT {EVENT_COLUMNS} FROM events WHERE position > $1 AND position <= $3 ORDER BY position LIMIT $2",
+        after,
+        limit,
+        up_to if up_to is not None else 2**63 - 1,
+    )
+    return [StoredEvent(*row) for row in rows]
+
+
+async def read_projected_events(
+    connection: asyncpg.Connection, after: int, limit: int, *, up_to: int | None = None
+) -> list[EventFields]:
+    """What the projection needs of the events after `after`, in position order (as fetched:
+    records of `EventFields`)."""
+    return await connection.fetch(  # type: ignore[return-value]
+        f"SELECT {_PROJECTED_COLUMNS} FROM events WHERE position > $1 AND position <= $3 ORDER BY position LIMIT $2",
+        after,
+        limit,
+        up_to if up_to is not None else 2**63 - 1,
+    )
 
 
 def _printable(text: str) -> str:
     return text.replace("\x00", "\\x00")
 
 
+def _error(event: EventFields, reason: str, detail: str) -> ProjectionError:
+    return ProjectionError(position=event[0], stream_id=event[1], event_type=event[2], reason=reason, detail=detail)
+
+
+def _float8_array_literal(values: list[float]) -> str:
+    # msgspec spells each double in its shortest round-trip form and PostgreSQL reads it back
+    # correctly rounded, so the stored float8 is the same double; one text per row is far
+    # cheaper to send than one array element per number.
+    return "{" + _json.encode(values)[1:-1].decode() + "}"
+
+
+class PreparedBatch:
+    """A batch decoded into rows (CPU only; no I/O)."""
+
+    def __init__(self, events: Sequence[EventFields]) -> None:
+        self.events = events
+        self.first, self.last = events[0][0], events[-1][0]
+        self.rows: list[Row] = []
+        self.inputs: list[InputRow] = []
+        self.outcomes: list[PredictionRow] = []
+        self.erasures: list[ErasureRow] = []
+        self.skipped: list[ProjectionError] = []
+        by_kind = {InputRow: self.inputs, PredictionRow: self.outcomes, ErasureRow: self.erasures}
+        for event in events:
+            try:
+                row = row_from_fields(*event)
+            except SkippedEvent as skipped:
+                self.skipped.append(_error(event, skipped.reason, skipped.detail))
+                continue
+            if row is not None:
+                self.rows.append(row)
+                by_kind[type(row)].append(row)
+        self._columns: _Columns | None = None
+        self._by_position: dict[int, EventFields] | None = None
+
+    def event_at(self, position: int) -> EventFields:
+        if self._by_position is None:
+            self._by_position = {event[0]: event for event in self.events}
+        return self._by_position[position]
+
+    @property
+    def columns(self) -> _Columns:
+        if self._columns is None:
+            self._columns = _columns(self.inputs, self.outcomes, self.erasures)
+        return self._columns
+
+
+class _Columns(msgspec.Struct):
+    inputs: list[list] | None
+    outcomes: list[list] | None
+    outcome_positions: list[int]
+    erasures: list[list] | None
+
+
+def _columns(
+    inputs: Sequence[InputRow], outcomes: Sequence[PredictionRow], erasures: Sequence[ErasureRow]
+) -> _Columns:
+    return _Columns(
+        inputs=[
+            [r.input_id for r in inputs],
+            [r.stream_id for r in inputs],
+            [r.position for r in inputs],
+            [r.blob_sha256 for r in inputs],
+            [r.filename for r in inputs],
+            [r.content_type for r in inputs],
+            [r.size_bytes for r in inputs],
+            [r.image_format for r in inputs],
+            [r.image_mode for r in inputs],
+            [r.image_width for r in inputs],
+            [r.image_height for r in inputs],
+            [r.image_frames for r in inputs],
+            [r.tensor_sha256 for r in inputs],
+            [r.preprocessing for r in inputs],
+            [r.idempotency_key for r in inputs],
+            [r.recorded_at for r in inputs],
+        ]
+        if inputs
+        else None,
+        outcomes=[
+            [r.prediction_id for r in outcomes],
+            [r.position for r in outcomes],
+            [r.status for r in outcomes],
+            [None if r.output is None else _float8_array_literal(r.output) for r in outcomes],
+            [r.likely_class for r in outcomes],
+            [r.model_name for r in outcomes],
+            [r.model_version for r in outcomes],
+            [r.model_sha256 for r in outcomes],
+            [r.device for r in outcomes],
+            [r.batch_size for r in outcomes],
+            [r.batch_index for r in outcomes],
+            [r.error_code for r in outcomes],
+            [r.error_message for r in outcomes],
+            [r.recorded_at for r in outcomes],
+        ]
+        if outcomes
+        else None,
+        outcome_positions=[r.position for r in outcomes],
+        erasures=[[r.blob_sha256 for r in erasures], [r.position for r in erasures], [r.recorded_at for r in erasures]]
+        if erasures
+        else None,
+    )
+
+
+def _columns_of(row: Row) -> _Columns:
+    return _columns(
+        [row] if type(row) is InputRow else [],
+        [row] if type(row) is PredictionRow else [],
+        [row] if type(row) is ErasureRow else [],
+    )
+
+
 class ReadModelWriter:
     """Writes rows into the read tables of one schema (the live one, a rebuild's, or pg_temp)."""
 
-    def __init__(self, schema: str = LIVE_SCHEMA) -> None:
+    def __init__(self, schema: str = LIVE_SCHEMA, *, log_skips: bool = True) -> None:
         s = quote_ident(schema)
         self.schema = schema
+        self._log_skips = log_skips
         self._insert_inputs = f"""
             INSERT INTO {s}.inputs (input_id, stream_id, position, blob_sha256, filename, content_type,
                 size_bytes, image_format, image_mode, image_width, image_height, image_frames,
@@ -111,25 +234,20 @@ class ReadModelWriter:
                      size_bytes, image_format, image_mode, image_width, image_height, image_frames,
                      tensor_sha256, preprocessing, idempotency_key, recorded_at)
         """
-        # Outputs travel as one flat float8 array (binary, exact) sliced per row: unnest cannot
-        # yield one array per row, and a text round trip would cost a parse per number.
         # The input is the request of the same stream; an outcome whose request was not applied
         # finds no row in the join and is reported by the caller (RETURNING tells which).
         self._insert_predictions = f"""
             INSERT INTO {s}.predictions (prediction_id, input_id, position, status, output, likely_class,
                 model_name, model_version, model_sha256, device, batch_size, batch_index,
                 error_code, error_message, recorded_at)
-            SELECT u.prediction_id, i.input_id, u.position, u.status,
-                CASE WHEN u.output_length IS NULL THEN NULL
-                     ELSE ($16::float8[])[u.output_start + 1 : u.output_start + u.output_length] END,
-                u.likely_class, u.model_name, u.model_version, u.model_sha256, u.device,
-                u.batch_size, u.batch_index, u.error_code, u.error_message, u.recorded_at
-            FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::int[], $5::int[], $6::int[],
-                $7::text[], $8::text[], $9::text[], $10::text[], $11::int[], $12::int[],
-                $13::text[], $14::text[], $15::timestamptz[])
-                AS u(prediction_id, position, status, output_start, output_length, likely_class,
-                     model_name, model_version, model_sha256, device, batch_size, batch_index,
-                     error_code, error_message, recorded_at)
+            SELECT u.prediction_id, i.input_id, u.position, u.status, u.output::float8[], u.likely_class,
+                u.model_name, u.model_version, u.model_sha256, u.device, u.batch_size, u.batch_index,
+                u.error_code, u.error_message, u.recorded_at
+            FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::text[], $5::int[], $6::text[],
+                $7::text[], $8::text[], $9::text[], $10::int[], $11::int[], $12::text[], $13::text[],
+                $14::timestamptz[])
+                AS u(prediction_id, position, status, output, likely_class, model_name, model_version,
+                     model_sha256, device, batch_size, batch_index, error_code, error_message, recorded_at)
             JOIN {s}.inputs AS i ON i.stream_id = u.prediction_id
             RETURNING position
         """
@@ -154,67 +272,50 @@ class ReadModelWriter:
             SELECT * FROM unnest($1::bigint[], $2::uuid[], $3::text[], $4::text[], $5::text[])
         """
 
-    async def apply(self, connection: asyncpg.Connection, events: Sequence[StoredEvent]) -> list[ProjectionError]:
+    async def apply(self, connection: asyncpg.Connection, events: Sequence[EventLike]) -> list[ProjectionError]:
         """Apply events (in position order) inside the caller's transaction.
 
         Returns the events that were stepped over; they are recorded in `projection_errors` too.
         Raises on anything but bad data (the caller's transaction must then roll back).
         """
-        by_position = {event.position: event for event in events}
-        rows: list[Row] = []
-        errors: list[ProjectionError] = []
-        for event in events:
-            try:
-                row = row_from_event(event)
-            except SkippedEvent as skipped:
-                errors.append(_error(event, skipped.reason, skipped.detail))
-                continue
-            if row is not None:
-                rows.append(row)
+        if not events:
+            return []
+        return await self.write(connection, PreparedBatch([fields_of(event) for event in events]))
 
+    async def write(self, connection: asyncpg.Connection, batch: PreparedBatch) -> list[ProjectionError]:
+        errors = list(batch.skipped)
         try:
             async with connection.transaction():  # a savepoint
-                errors.extend(await self._write(connection, rows, by_position))
+                errors.extend(await self._write(connection, batch.columns, batch))
         except DATA_ERRORS as error:
-            log.warning("batch %d..%d refused (%s); applying it event by event", events[0].position,
-                        events[-1].position, error)
-            for row in rows:
+            log.warning("events %d..%d refused as a batch (%s); applying them one by one", batch.first, batch.last,
+                        error)
+            for row in batch.rows:
                 try:
                     async with connection.transaction():
-                        errors.extend(await self._write(connection, [row], by_position))
+                        errors.extend(await self._write(connection, _columns_of(row), batch))
                 except DATA_ERRORS as row_error:
-                    errors.append(_error(by_position[row.position], "rejected", f"{type(row_error).__name__}: {row_error}"))
-
-        if errors:
-            errors.sort()
-            for error in errors:
-                log.warning("projection skipped event %d (%s): %s", error.position, error.reason, error.detail)
-            await connection.execute(
-                self._insert_errors,
-                [e.position for e in errors],
-                [e.stream_id for e in errors],
-                [e.event_type for e in errors],
-                [e.reason for e in errors],
-                [_printable(e.detail) for e in errors],
-            )
+                    errors.append(_error(batch.event_at(row.position), "rejected", f"{type(row_error).__name__}: {row_error}"))
+        await self.record_errors(connection, errors)
         return errors
 
-    async def _write(
-        self, connection: asyncpg.Connection, rows: Sequence[Row], by_position: dict[int, StoredEvent]
-    ) -> list[ProjectionError]:
-        inputs = [row for row in rows if isinstance(row, InputRow)]
-        outcomes = [row for row in rows if isinstance(row, PredictionRow)]
-        erasures = [row for row in rows if isinstance(row, ErasureRow)]
-        errors: list[ProjectionError] = []
-        if inputs:
-            await self._write_inputs(connection, inputs)
-        if outcomes:
-            stored = set(await self._write_predictions(connection, outcomes))
-            errors.extend(
-                _error(by_position[row.position], "rejected", "no applied PredictionRequested in this stream")
-                for row in outcomes
-                if row.position not in stored
-            )
+    async def record_errors(self, connection: asyncpg.Connection, errors: list[ProjectionError]) -> None:
+        if not errors:
+            return
+        errors.sort()
+        if self._log_skips:
+            for error in errors:
+                log.warning("projection skipped event %d (%s): %s", error.position, error.reason, error.detail)
+        await connection.execute(
+            self._insert_errors,
+            [e.position for e in errors],
+            [e.stream_id for e in errors],
+            [e.event_type for e in errors],
+            [e.reason for e in errors],
+            [_printable(e.detail) for e in errors],
+        )
+
+    async def write_erasures(self, connection: asyncpg.Connection, erasures: Sequence[ErasureRow]) -> None:
         if erasures:
             await connection.execute(
                 self._apply_erasures,
@@ -222,67 +323,23 @@ class ReadModelWriter:
                 [row.position for row in erasures],
                 [row.recorded_at for row in erasures],
             )
+
+    async def _write(
+        self, connection: asyncpg.Connection, columns: _Columns, batch: PreparedBatch
+    ) -> list[ProjectionError]:
+        errors: list[ProjectionError] = []
+        if columns.inputs is not None:
+            await connection.execute(self._insert_inputs, *columns.inputs)
+        if columns.outcomes is not None:
+            stored = {record[0] for record in await connection.fetch(self._insert_predictions, *columns.outcomes)}
+            errors.extend(
+                _error(batch.event_at(position), "rejected", "no applied PredictionRequested in this stream")
+                for position in columns.outcome_positions
+                if position not in stored
+            )
+        if columns.erasures is not None:
+            await connection.execute(self._apply_erasures, *columns.erasures)
         return errors
-
-    async def _write_inputs(self, connection: asyncpg.Connection, rows: Sequence[InputRow]) -> None:
-        await connection.execute(
-            self._insert_inputs,
-            [r.input_id for r in rows],
-            [r.stream_id for r in rows],
-            [r.position for r in rows],
-            [r.blob_sha256 for r in rows],
-            [r.filename for r in rows],
-            [r.content_type for r in rows],
-            [r.size_bytes for r in rows],
-            [r.image_format for r in rows],
-            [r.image_mode for r in rows],
-            [r.image_width for r in rows],
-            [r.image_height for r in rows],
-            [r.image_frames for r in rows],
-            [r.tensor_sha256 for r in rows],
-            [r.preprocessing for r in rows],
-            [r.idempotency_key for r in rows],
-            [r.recorded_at for r in rows],
-        )
-
-    async def _write_predictions(self, connection: asyncpg.Connection, rows: Sequence[PredictionRow]) -> list[int]:
-        flat: list[float] = []
-        starts: list[int | None] = []
-        lengths: list[int | None] = []
-        for row in rows:
-            if row.output is None:
-                starts.append(None)
-                lengths.append(None)
-            else:
-                starts.append(len(flat))
-                lengths.append(len(row.output))
-                flat.extend(row.output)
-        records = await connection.fetch(
-            self._insert_predictions,
-            [r.prediction_id for r in rows],
-            [r.position for r in rows],
-            [r.status for r in rows],
-            starts,
-            lengths,
-            [r.likely_class for r in rows],
-            [r.model_name for r in rows],
-            [r.model_version for r in rows],
-            [r.model_sha256 for r in rows],
-            [r.device for r in rows],
-            [r.batch_size for r in rows],
-            [r.batch_index for r in rows],
-            [r.error_code for r in rows],
-            [r.error_message for r in rows],
-            [r.recorded_at for r in rows],
-            flat,
-        )
-        return [record[0] for record in records]
-
-
-def _error(event: StoredEvent, reason: str, detail: str) -> ProjectionError:
-    return ProjectionError(
-        position=event.position, stream_id=event.stream_id, event_type=event.event_type, reason=reason, detail=detail
-    )
 
 
 async def project_batch(
@@ -307,11 +364,11 @@ async def project_batch(
         )
         if current != expected:
             raise CheckpointMoved(name, expected, current)
-        events = await read_events(connection, expected, batch_size)
+        events = await read_projected_events(connection, expected, batch_size)
         if not events:
             return expected, 0, []
-        errors = await writer.apply(connection, events)
-        new_position = events[-1].position
+        errors = await writer.write(connection, PreparedBatch(events))
+        new_position = events[-1][0]
         # Compare-and-set: redundant with the row lock above while this worker's session holds
         # it, but the rule that refuses a deposed worker's late write whatever path it came by.
         status = await connection.execute(

@@ -1,13 +1,14 @@
 """Rebuild the read model from position 0 without downtime, then swap it in atomically.
 
 1. Build fresh tables in a new schema (`read_model_create`), owned by the operator's role and
-   granted to the service's, replaying events in batches up to the live checkpoint. The live
-   tables keep answering and the live worker keeps running meanwhile.
+   granted to the service's, replaying events up to the live checkpoint (bare tables first, the
+   indexes and the foreign key added once the rows are in). The live tables keep answering and
+   the live worker keeps running meanwhile.
 2. Swap, in one transaction: lock the live checkpoint row (the first thing every worker batch
    locks, so this waits for the batch in hand and holds off the next one), apply the events
    between the rebuilt position and the live checkpoint, lock the live tables (readers wait a
    moment, nobody fails), move them out and the new ones in, drop the old ones. The checkpoint
-   does not move: the worker carries on from it on the new tables.
+   does not move: the worker carries on from it, on the new tables.
 """
 
 from __future__ import annotations
@@ -20,8 +21,15 @@ from collections.abc import Callable
 import asyncpg
 import msgspec
 
-from db.store import StoredEvent
-from projections.read_model import CHECKPOINTS_TABLE, LIVE_SCHEMA, READ_MODEL, ReadModelWriter, quote_ident, read_events
+from projections.bulk import BulkWriter, pages, pipeline
+from projections.read_model import (
+    CHECKPOINTS_TABLE,
+    LIVE_SCHEMA,
+    READ_MODEL,
+    PreparedBatch,
+    ReadModelWriter,
+    quote_ident,
+)
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +51,13 @@ class RebuildError(Exception):
     pass
 
 
+class _Progress:
+    def __init__(self) -> None:
+        self.position = 0
+        self.events = 0
+        self.skipped = 0
+
+
 async def rebuild(
     owner_dsn: str,
     *,
@@ -53,6 +68,7 @@ async def rebuild(
     progress: Callable[[int, int], None] | None = None,
 ) -> RebuildReport:
     connection = await asyncpg.connect(owner_dsn)
+    reader = await asyncpg.connect(owner_dsn)
     schema = f"read_model_rebuild_{uuid.uuid4().hex[:12]}"
     swapped = False
     try:
@@ -61,23 +77,25 @@ async def rebuild(
         started = time.perf_counter()
         async with connection.transaction():
             await connection.execute(f"CREATE SCHEMA {quote_ident(schema)}")
-            await connection.execute("SELECT read_model_create($1)", schema)
-        writer = ReadModelWriter(schema)
-        position, events, skipped = 0, 0, 0
+            await connection.execute("SELECT read_model_create($1, false)", schema)
+        bulk = BulkWriter(schema)
+        done = _Progress()
 
-        # Catch up with the live checkpoint (a moving target) outside the swap, so that the swap
+        async def write(batch: PreparedBatch) -> None:
+            async with connection.transaction():
+                done.skipped += len(await bulk.write(connection, batch))
+            done.position, done.events = batch.last, done.events + len(batch.events)
+
+        # Catch up with the live checkpoint (a moving target) before the swap, so that the swap
         # itself has only a few events left to apply while it holds the worker off.
         while True:
             target = await _live_checkpoint(connection, name)
-            if target - position <= batch_size:
+            if target - done.position <= batch_size:
                 break
-            while position < target:
-                async with connection.transaction():
-                    batch = await _next_batch(connection, position, batch_size, target)
-                    skipped += len(await writer.apply(connection, batch))
-                position, events = batch[-1].position, events + len(batch)
-                if progress is not None:
-                    progress(position, target)
+            await pipeline(pages(reader, done.position, target, batch_size), write)
+            if progress is not None:
+                progress(done.position, target)
+        await connection.execute("SELECT read_model_add_indexes($1)", schema)
         for table in READ_MODEL_TABLES:
             await connection.execute(f"ANALYZE {quote_ident(schema)}.{quote_ident(table)}")
         build_s = time.perf_counter() - started
@@ -85,18 +103,18 @@ async def rebuild(
         started = time.perf_counter()
         for attempt in range(1, swap_attempts + 1):
             try:
-                position, applied, skipped_now = await _swap(connection, writer, schema, name, position, batch_size,
-                                                             lock_timeout_s)
+                position, applied, skipped = await _swap(connection, bulk.exact, schema, name, done.position, batch_size,
+                                                         lock_timeout_s)
             except asyncpg.LockNotAvailableError:
                 log.warning("rebuild: swap attempt %d could not get its locks in %.1f s", attempt, lock_timeout_s)
                 continue
             swapped = True
-            events += applied
-            skipped += skipped_now
-            return RebuildReport(position=position, events=events, swap_events=applied, skipped=skipped, build_s=build_s,
+            return RebuildReport(position=position, events=done.events + applied, swap_events=applied,
+                                 skipped=done.skipped + skipped, build_s=build_s,
                                  swap_s=time.perf_counter() - started, swap_attempts=attempt)
         raise RebuildError(f"could not swap the rebuilt tables in after {swap_attempts} attempts")
     finally:
+        await reader.close()
         if not swapped and not connection.is_closed():
             await connection.execute(f"DROP SCHEMA IF EXISTS {quote_ident(schema)} CASCADE")
         await connection.close()
@@ -107,13 +125,6 @@ async def _live_checkpoint(connection: asyncpg.Connection, name: str) -> int:
     if position is None:
         raise RebuildError(f"no checkpoint named {name!r}")
     return position
-
-
-async def _next_batch(connection: asyncpg.Connection, after: int, limit: int, up_to: int) -> list[StoredEvent]:
-    batch = await read_events(connection, after, limit, up_to=up_to)
-    if not batch:
-        raise RebuildError(f"the checkpoint ({up_to}) is beyond the last event ({after})")
-    return batch
 
 
 async def _swap(
@@ -135,10 +146,9 @@ async def _swap(
         )
         if target is None or target < position:
             raise RebuildError(f"the live checkpoint went back ({target} < {position}) during the rebuild")
-        while position < target:
-            batch = await _next_batch(connection, position, batch_size, target)
-            skipped += len(await writer.apply(connection, batch))
-            position, applied = batch[-1].position, applied + len(batch)
+        async for events in pages(connection, position, target, batch_size):
+            skipped += len(await writer.write(connection, PreparedBatch(events)))
+            position, applied = events[-1][0], applied + len(events)
         tables = ", ".join(f"{live}.{quote_ident(t)}" for t in READ_MODEL_TABLES)
         await connection.execute(f"LOCK TABLE {tables} IN ACCESS EXCLUSIVE MODE")
         await connection.execute(f"CREATE SCHEMA {retired}")

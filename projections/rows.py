@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
+from typing import Protocol
 
 import msgspec
+from asyncpg.pgproto.pgproto import UUID as FastUUID  # the parser asyncpg itself uses for uuid
 
-from db.store import StoredEvent
 from domain.events import (
     BlobErased,
     ModelRegistered,
@@ -19,9 +20,30 @@ from domain.events import (
     PredictionMade,
     PredictionRequested,
     UnknownEvent,
+    decode_event,
 )
 
-_encoder = msgspec.json.Encoder(order="sorted")
+_encoder = msgspec.json.Encoder()
+
+
+class EventLike(Protocol):
+    """What a projection reads of an event (`db.store.StoredEvent` has it)."""
+
+    position: int
+    stream_id: uuid.UUID
+    event_type: str
+    schema_version: int
+    data: str
+    recorded_at: datetime
+
+
+# The same as a plain row (position, stream_id, event_type, schema_version, data, recorded_at):
+# what a bulk replay fetches, used as fetched (no object per event).
+EventFields = tuple[int, uuid.UUID, str, int, str, datetime]
+
+
+def fields_of(event: EventLike) -> EventFields:
+    return (event.position, event.stream_id, event.event_type, event.schema_version, event.data, event.recorded_at)
 
 
 class InputRow(msgspec.Struct, frozen=True):
@@ -80,13 +102,19 @@ class SkippedEvent(Exception):
         self.detail = detail
 
 
-def row_from_event(event: StoredEvent) -> Row | None:
+def row_from_event(event: EventLike) -> Row | None:
     """The row an event contributes, None for events this projection ignores.
 
     Raises `SkippedEvent` for an event that cannot be read (unknown type, bad data).
     """
+    return row_from_fields(*fields_of(event))
+
+
+def row_from_fields(
+    position: int, stream_id: uuid.UUID, event_type: str, schema_version: int, data: str, recorded_at: datetime
+) -> Row | None:
     try:
-        decoded = event.decode()
+        decoded = decode_event(event_type, schema_version, data)
     except UnknownEvent as error:
         raise SkippedEvent("unknown_event", str(error)) from None
     except (msgspec.DecodeError, msgspec.ValidationError, TypeError, ValueError) as error:
@@ -94,13 +122,15 @@ def row_from_event(event: StoredEvent) -> Row | None:
 
     if isinstance(decoded, PredictionRequested):
         try:
-            input_id = uuid.UUID(decoded.input_id)
-        except ValueError:
+            # asyncpg's parser (a uuid.UUID, 4x faster than uuid.UUID's): the same rule decides
+            # what a valid id is here and when the row is stored.
+            input_id = FastUUID(decoded.input_id)
+        except (ValueError, TypeError):
             raise SkippedEvent("undecodable", "input_id is not a UUID") from None
         return InputRow(
             input_id=input_id,
-            stream_id=event.stream_id,
-            position=event.position,
+            stream_id=stream_id,
+            position=position,
             blob_sha256=decoded.blob_sha256,
             filename=decoded.filename,
             content_type=decoded.content_type,
@@ -113,12 +143,12 @@ def row_from_event(event: StoredEvent) -> Row | None:
             tensor_sha256=decoded.tensor_sha256,
             preprocessing=_encoder.encode(decoded.preprocessing).decode(),
             idempotency_key=decoded.idempotency_key,
-            recorded_at=event.recorded_at,
+            recorded_at=recorded_at,
         )
     if isinstance(decoded, PredictionMade):
         return PredictionRow(
-            prediction_id=event.stream_id,
-            position=event.position,
+            prediction_id=stream_id,
+            position=position,
             status="made",
             output=list(decoded.output),
             likely_class=decoded.likely_class,
@@ -130,12 +160,12 @@ def row_from_event(event: StoredEvent) -> Row | None:
             batch_index=decoded.batch_index,
             error_code=None,
             error_message=None,
-            recorded_at=event.recorded_at,
+            recorded_at=recorded_at,
         )
     if isinstance(decoded, PredictionFailed):
         return PredictionRow(
-            prediction_id=event.stream_id,
-            position=event.position,
+            prediction_id=stream_id,
+            position=position,
             status="failed",
             output=None,
             likely_class=None,
@@ -147,10 +177,10 @@ def row_from_event(event: StoredEvent) -> Row | None:
             batch_index=None,
             error_code=decoded.error_code,
             error_message=decoded.message,
-            recorded_at=event.recorded_at,
+            recorded_at=recorded_at,
         )
     if isinstance(decoded, BlobErased):
-        return ErasureRow(blob_sha256=decoded.blob_sha256, position=event.position, recorded_at=event.recorded_at)
+        return ErasureRow(blob_sha256=decoded.blob_sha256, position=position, recorded_at=recorded_at)
     if isinstance(decoded, ModelRegistered):
         return None
     return None  # a known type this projection has no use for

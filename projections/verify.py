@@ -5,22 +5,33 @@
 2. Outside checkpoints of the chain head (signed heads kept outside the database): each
    `OutsideCheck` gets the verified head and answers a problem or None. None are wired yet.
 3. The read model: every event up to the live checkpoint is replayed into scratch tables
-   (`read_model_create('pg_temp')`: the same definition, private to this session) and compared
+   (`read_model_create('pg_temp', false)`: the same definition, private to this session) and compared
    with the live tables column by column, as text (so -0.0 differs from 0.0, and jsonb compares
    in its canonical form). The same snapshot sees the live tables and their checkpoint together.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 import asyncpg
 import msgspec
 
-from domain.chain import GENESIS_HASH, find_break
-from projections.read_model import CHECKPOINTS_TABLE, LIVE_SCHEMA, READ_MODEL, ReadModelWriter, quote_ident, read_events
+from domain.chain import GENESIS_HASH, ChainBreak, find_break
+from projections.bulk import BulkWriter, pipeline
+from projections.read_model import (
+    CHECKPOINTS_TABLE,
+    LIVE_SCHEMA,
+    READ_MODEL,
+    PreparedBatch,
+    quote_ident,
+    read_events,
+)
+from projections.rows import EventFields, fields_of
 
 SCRATCH_SCHEMA = "pg_temp"
+_SNAPSHOT_ID = re.compile(r"[0-9A-Fa-f-]+")
 
 # (table, key column, order column): compared in this order; the first difference is reported.
 COMPARED_TABLES = (
@@ -78,45 +89,74 @@ async def verify(
     outside_checks: Sequence[OutsideCheck] = (),
 ) -> VerifyReport:
     connection = await asyncpg.connect(owner_dsn)
+    reader = await asyncpg.connect(owner_dsn)
     try:
         async with connection.transaction(isolation="repeatable_read"):
-            return await _verify_in_snapshot(connection, name, page_size, outside_checks)
+            # The reader (which feeds the replay while this connection writes it) shares this
+            # transaction's snapshot: one snapshot for the chain, the replay and the diff.
+            snapshot = await connection.fetchval("SELECT pg_export_snapshot()")
+            if not _SNAPSHOT_ID.fullmatch(snapshot):
+                raise RuntimeError(f"unexpected snapshot id {snapshot!r}")
+            async with reader.transaction(isolation="repeatable_read", readonly=True):
+                await reader.execute(f"SET TRANSACTION SNAPSHOT '{snapshot}'")
+                return await _verify_in_snapshot(connection, reader, name, page_size, outside_checks)
     finally:
+        await reader.close()
         await connection.close()
 
 
+class _Chain:
+    """The chain walked so far, page by page."""
+
+    def __init__(self) -> None:
+        self.position, self.hash, self.events = 0, GENESIS_HASH, 0
+        self.broken: ChainBreak | None = None
+
+
+async def _checked_pages(
+    reader: asyncpg.Connection, chain: _Chain, checkpoint: int, page_size: int
+) -> AsyncIterator[list[EventFields]]:
+    """Every event through the chain check; the ones up to the checkpoint on to the replay."""
+    while page := await read_events(reader, chain.position, page_size):
+        brk, chain.position, chain.hash = find_break(((e.chained(), e.hash) for e in page), chain.hash, chain.position)
+        if brk is not None:
+            chain.broken = brk
+            return
+        chain.events += len(page)
+        yield [fields_of(event) for event in page if event.position <= checkpoint]
+
+
 async def _verify_in_snapshot(
-    connection: asyncpg.Connection, name: str, page_size: int, outside_checks: Sequence[OutsideCheck]
+    connection: asyncpg.Connection,
+    reader: asyncpg.Connection,
+    name: str,
+    page_size: int,
+    outside_checks: Sequence[OutsideCheck],
 ) -> VerifyReport:
     checkpoint = await connection.fetchval(f"SELECT position FROM {CHECKPOINTS_TABLE} WHERE name = $1", name) or 0
-    await connection.execute("SELECT read_model_create($1)", SCRATCH_SCHEMA)
-    writer = ReadModelWriter(SCRATCH_SCHEMA)
+    await connection.execute("SELECT read_model_create($1, false)", SCRATCH_SCHEMA)
+    writer = BulkWriter(SCRATCH_SCHEMA, log_skips=False)
+    chain = _Chain()
+    skipped = 0
 
-    position, head_hash, count, skipped = 0, GENESIS_HASH, 0, 0
-    while True:
-        page = await read_events(connection, position, page_size)
-        if not page:
-            break
-        brk, verified_position, verified_hash = find_break(((e.chained(), e.hash) for e in page), head_hash, position)
-        if brk is not None:
-            problem = f"hash chain broken at position {brk.position}: {brk.reason}"
-            return VerifyReport(ok=False, events=count, head_position=verified_position, head_hash=verified_hash.hex(),
-                                checkpoint=checkpoint, rows={}, skipped_events=skipped, chain_break=brk.position,
-                                problem=problem)
-        replayed = [event for event in page if event.position <= checkpoint]
-        if replayed:
-            skipped += len(await writer.apply(connection, replayed))
-        position, head_hash, count = verified_position, verified_hash, count + len(page)
+    async def write(batch: PreparedBatch) -> None:
+        nonlocal skipped
+        skipped += len(await writer.write(connection, batch))
+
+    await pipeline(_checked_pages(reader, chain, checkpoint, page_size), write)
 
     def report(problem: str | None = None, difference: Difference | None = None, rows: dict[str, int] | None = None):
-        return VerifyReport(ok=problem is None, events=count, head_position=position, head_hash=head_hash.hex(),
-                            checkpoint=checkpoint, rows=rows or {}, skipped_events=skipped, problem=problem,
-                            difference=difference)
+        return VerifyReport(ok=problem is None, events=chain.events, head_position=chain.position,
+                            head_hash=chain.hash.hex(), checkpoint=checkpoint, rows=rows or {},
+                            skipped_events=skipped, problem=problem, difference=difference,
+                            chain_break=chain.broken.position if chain.broken else None)
 
-    if checkpoint > position:
-        return report(f"the checkpoint ({checkpoint}) is beyond the last event ({position})")
+    if chain.broken is not None:
+        return report(f"hash chain broken at position {chain.broken.position}: {chain.broken.reason}")
+    if checkpoint > chain.position:
+        return report(f"the checkpoint ({checkpoint}) is beyond the last event ({chain.position})")
     for check in outside_checks:
-        problem = await check(connection, position, head_hash)
+        problem = await check(connection, chain.position, chain.hash)
         if problem is not None:
             return report(problem)
 

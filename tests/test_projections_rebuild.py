@@ -333,3 +333,38 @@ async def test_a_made_event_of_another_schema_shape_is_not_mistaken(database, ap
         assert isinstance(request.events[1], PredictionMade)
     finally:
         await runner.stop()
+
+
+async def test_bulk_replay_equals_the_live_path_on_a_hostile_log(database, app_pool, owner):
+    """Rebuild and verify take a COPY fast path; on every kind of bad event they must still give
+    exactly what the live worker gave (verify compares the two, errors included)."""
+    store = EventStore(app_pool)
+    good = [prediction_request(label=str(i)) for i in range(6)]
+    nul = prediction_request(label="nul")
+    nul.events[0] = msgspec.structs.replace(nul.events[0], filename="a\x00b.png")
+    await append(store, *good[:2], nul, *good[2:4])
+    made = msgspec.json.encode(good[0].events[1]).decode()
+    requested = msgspec.json.encode(good[1].events[0]).decode()
+    await append_raw(owner, "PredictionMade", made, stream_id=good[0].stream_id, stream_version=3)  # 2nd outcome
+    await append_raw(owner, "PredictionMade", made)  # an outcome without a request
+    dup_input = json.loads(requested)  # a request reusing another input's id
+    await append_raw(owner, "PredictionRequested", json.dumps(dup_input))
+    await append_raw(owner, "PredictionRequested", json.dumps({**dup_input, "input_id": str(uuid.uuid4())}),
+                     stream_id=good[2].stream_id, stream_version=3)  # a second request in a stream
+    await append(store, *good[4:], erasure(digest_of(good[4])))
+    runner = runner_for(database.app_dsn, batch_size=4)
+    await runner.start()
+    try:
+        await caught_up(owner)
+        errors = await owner.fetchval("SELECT count(*) FROM projection_errors")
+        assert errors == 6  # NUL request and its outcome, 2nd outcome, orphan, duplicate id, 2nd request
+        before = await all_answers(app_pool)
+        for batch_size in (3, 1000):
+            report = await verify(database.owner_dsn, page_size=batch_size)
+            assert report.ok, report.problem
+            assert report.skipped_events == 6
+            await rebuild(database.owner_dsn, batch_size=batch_size)
+            assert await all_answers(app_pool) == before
+            assert await owner.fetchval("SELECT count(*) FROM projection_errors") == 6
+    finally:
+        await runner.stop()

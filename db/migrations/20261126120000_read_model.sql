@@ -5,12 +5,32 @@
 -- Every id and cursor in them comes from the events (stream id, input id, position), never from a
 -- sequence, so a rebuild reproduces them exactly.
 --
--- The tables are defined once, in `read_model_create(schema)`, because three places build them:
--- this migration (schema `public`, the live tables), `python -m projections rebuild` (a fresh
--- schema, swapped in atomically) and `verify` (pg_temp, a scratch copy inside one snapshot).
--- Constraint and index names are explicit so that a rebuilt copy carries the same names.
--- A later migration that changes the read model replaces this function too.
-CREATE FUNCTION read_model_create(target_schema text) RETURNS void LANGUAGE plpgsql AS $function$
+-- The tables are defined once, here, because three places build them: this migration (schema
+-- `public`, the live tables), `python -m projections rebuild` (a fresh schema, swapped in
+-- atomically) and `verify` (pg_temp, a scratch copy inside one snapshot). A bulk replay creates
+-- the tables bare (`with_indexes => false`: only the keys that applying events relies on) and
+-- adds the rest with `read_model_add_indexes` once the rows are in, which is several times
+-- faster than maintaining every index row by row. Constraint and index names are explicit so
+-- that a rebuilt copy carries the same names. A later migration that changes the read model
+-- replaces these functions too.
+CREATE FUNCTION read_model_add_indexes(target_schema text) RETURNS void LANGUAGE plpgsql AS $function$
+BEGIN
+    EXECUTE format('ALTER TABLE %1$I.predictions ADD CONSTRAINT predictions_input_id_fkey
+                        FOREIGN KEY (input_id) REFERENCES %1$I.inputs (input_id)', target_schema);
+    -- The list is newest first by position; each filter gets an index that yields its rows in
+    -- position order.
+    EXECUTE format('ALTER TABLE %1$I.predictions ADD CONSTRAINT predictions_position_key UNIQUE (position)',
+                   target_schema);
+    EXECUTE format('CREATE INDEX predictions_likely_class_idx ON %1$I.predictions (likely_class, position)', target_schema);
+    EXECUTE format('CREATE INDEX predictions_model_version_idx ON %1$I.predictions (model_version, position)', target_schema);
+    EXECUTE format('CREATE INDEX predictions_recorded_at_idx ON %1$I.predictions (recorded_at)', target_schema);
+    -- An erasure marks the earlier inputs of the erased blob.
+    EXECUTE format('CREATE INDEX inputs_blob_sha256_idx ON %1$I.inputs (blob_sha256)', target_schema);
+END
+$function$;
+
+CREATE FUNCTION read_model_create(target_schema text, with_indexes boolean DEFAULT true) RETURNS void
+LANGUAGE plpgsql AS $function$
 BEGIN
     EXECUTE format($ddl$
         CREATE TABLE %1$I.inputs (
@@ -32,11 +52,9 @@ BEGIN
             recorded_at timestamptz NOT NULL,
             erased_at timestamptz,             -- recorded_at of the BlobErased event
             CONSTRAINT inputs_pkey PRIMARY KEY (input_id),
-            CONSTRAINT inputs_stream_id_key UNIQUE (stream_id),
-            CONSTRAINT inputs_position_key UNIQUE (position)
+            -- an outcome finds its input by stream
+            CONSTRAINT inputs_stream_id_key UNIQUE (stream_id)
         )$ddl$, target_schema);
-    -- Erasure marks every earlier input of the erased blob.
-    EXECUTE format('CREATE INDEX inputs_blob_sha256_idx ON %1$I.inputs (blob_sha256, position)', target_schema);
 
     EXECUTE format($ddl$
         CREATE TABLE %1$I.predictions (
@@ -56,16 +74,8 @@ BEGIN
             error_message text,
             recorded_at timestamptz NOT NULL,  -- of the outcome event
             CONSTRAINT predictions_pkey PRIMARY KEY (prediction_id),
-            CONSTRAINT predictions_input_id_key UNIQUE (input_id),
-            CONSTRAINT predictions_position_key UNIQUE (position),
-            CONSTRAINT predictions_input_id_fkey FOREIGN KEY (input_id) REFERENCES %1$I.inputs (input_id),
             CONSTRAINT predictions_status_check CHECK (status IN ('made', 'failed'))
         )$ddl$, target_schema);
-    -- The list is newest first by position (predictions_position_key serves it unfiltered); each
-    -- filter gets an index that yields its rows already in position order.
-    EXECUTE format('CREATE INDEX predictions_likely_class_idx ON %1$I.predictions (likely_class, position)', target_schema);
-    EXECUTE format('CREATE INDEX predictions_model_version_idx ON %1$I.predictions (model_version, position)', target_schema);
-    EXECUTE format('CREATE INDEX predictions_recorded_at_idx ON %1$I.predictions (recorded_at)', target_schema);
 
     EXECUTE format($ddl$
         CREATE TABLE %1$I.projection_errors (
@@ -77,12 +87,16 @@ BEGIN
             CONSTRAINT projection_errors_pkey PRIMARY KEY (position)
         )$ddl$, target_schema);
 
+    IF with_indexes THEN
+        PERFORM read_model_add_indexes(target_schema);
+    END IF;
+
     -- The in-process worker runs as the service's role, which owns no table.
     EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON %1$I.inputs, %1$I.predictions, %1$I.projection_errors TO audit_app',
                    target_schema);
 END
 $function$;
-REVOKE ALL ON FUNCTION read_model_create(text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION read_model_create(text, boolean), read_model_add_indexes(text) FROM PUBLIC;
 
 SELECT read_model_create('public');
 
@@ -98,4 +112,4 @@ GRANT SELECT, INSERT, UPDATE, DELETE ON projection_checkpoints TO audit_app;
 -- migrate:down
 
 DROP TABLE predictions, inputs, projection_errors, projection_checkpoints;
-DROP FUNCTION read_model_create(text);
+DROP FUNCTION read_model_create(text, boolean), read_model_add_indexes(text);
