@@ -47,10 +47,11 @@ class BatcherClosed(QueueFull):
 class InferenceError(Exception):
     """The model failed for this one input (an exception, or a non-finite output)."""
 
-    def __init__(self, message: str, *, batch_size: int, batch_index: int) -> None:
+    def __init__(self, message: str, *, batch_size: int, batch_index: int, code: str = "inference_error") -> None:
         super().__init__(message)
         self.batch_size = batch_size
         self.batch_index = batch_index
+        self.code = code  # "inference_error" (the model raised) or "non_finite_output"
 
 
 class Outcome(msgspec.Struct):
@@ -279,7 +280,9 @@ class MicroBatcher:
             item.future.set_exception(error)
         elif not is_finite(result.row):
             item.future.set_exception(
-                InferenceError("the model produced a non-finite output (NaN or infinity)", **where)
+                InferenceError(
+                    "the model produced a non-finite output (NaN or infinity)", code="non_finite_output", **where
+                )
             )
         else:
             item.future.set_result(Outcome(

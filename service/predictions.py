@@ -114,7 +114,7 @@ class PredictionService:
                 batch_index=error.batch_index,
                 inference_ms=0.0,
                 queue_wait_ms=0.0,
-                error_code="non_finite_output" if "non-finite" in str(error) else "inference_error",
+                error_code=error.code,
                 error_message=str(error),
             )
         inferred = time.perf_counter()

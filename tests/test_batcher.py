@@ -176,7 +176,7 @@ async def test_non_finite_output_fails_only_its_own_caller(nan_model):
     for index, result in enumerate(results):
         if index % 3 == 0:
             assert isinstance(result, InferenceError), result
-            assert "non-finite" in str(result)
+            assert "non-finite" in str(result) and result.code == "non_finite_output"
         else:
             assert isinstance(result, Outcome), result
             assert np.allclose(result.output, 0.1)
