@@ -10,6 +10,7 @@ import json
 import uuid
 
 import asyncpg
+import numpy as np
 import httpx
 import pytest
 from PIL import Image
@@ -350,3 +351,42 @@ async def test_300_concurrent_uploads_with_default_settings(service, module_data
     assert len(set(ids)) == 300
     assert len({r.json()["input_id"] for r in responses}) == 300
     assert await count_events(module_database.owner_dsn, ids) == 600
+
+
+def _image_bytes(image: Image.Image, fmt: str, **save) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **save)
+    return buffer.getvalue()
+
+
+def _hostile_images() -> dict[str, tuple[bytes, int]]:
+    base = Image.open(io.BytesIO(digit(9)[0])).convert("L")
+    frames = [base, base.rotate(90), base.rotate(180)]
+    sixteen = Image.fromarray((np.asarray(base, dtype=np.uint16) * 257).astype(np.uint16))
+    return {
+        "16-bit PNG": (_image_bytes(sixteen, "PNG"), 201),
+        "CMYK JPEG": (_image_bytes(base.convert("CMYK"), "JPEG"), 201),
+        "palette GIF": (_image_bytes(base.convert("P"), "GIF"), 201),
+        "animated GIF": (_image_bytes(frames[0], "GIF", save_all=True, append_images=frames[1:]), 201),
+        "RGBA PNG": (_image_bytes(base.convert("RGBA"), "PNG"), 201),
+        "1-pixel PNG": (_image_bytes(Image.new("L", (1, 1), 255), "PNG"), 201),
+        "10000-pixel-wide PNG": (_image_bytes(Image.new("L", (10_000, 3), 0), "PNG"), 201),
+        "TIFF": (_image_bytes(base, "TIFF"), 201),
+        "BMP": (_image_bytes(base, "BMP"), 201),
+        "WEBP": (_image_bytes(base, "WEBP", lossless=True), 201),
+        "ICO (not allowed)": (_image_bytes(base, "ICO"), 415),
+        "PPM (not allowed)": (_image_bytes(base, "PPM"), 415),
+    }
+
+
+@pytest.mark.parametrize("name", list(_hostile_images()))
+def test_image_catalogue_gets_a_correct_2xx_or_a_clear_4xx(client, name):
+    content, status = _hostile_images()[name]
+    response = upload(client, content, filename=name)
+    assert response.status_code == status, response.text
+    if status == 201:
+        body = response.json()
+        assert 0 <= body["likely_class"] <= 9
+        assert client.get(f"/input/{body['input_id']}").content == content  # byte for byte
+    else:
+        assert response.headers["content-type"].startswith(PROBLEM)
