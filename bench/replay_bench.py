@@ -23,7 +23,7 @@ import sys
 import tempfile
 import time
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import asyncpg
@@ -57,7 +57,7 @@ def synthetic_log(events: int, seed: int = 7) -> list[tuple]:
     rng = random.Random(seed)
     records: list[tuple] = []
     previous = GENESIS_HASH
-    start = datetime.now(timezone.utc).replace(microsecond=0) - timedelta(days=1)
+    start = datetime.now(UTC).replace(microsecond=0) - timedelta(days=1)
     position = 0
     for index in range(events // 2):
         stream_id = uuid.UUID(int=rng.getrandbits(128), version=4)
@@ -100,7 +100,7 @@ def synthetic_log(events: int, seed: int = 7) -> list[tuple]:
 class Timer:
     """Wall time and this process's CPU time of one phase (the machine is shared: say so)."""
 
-    def __enter__(self) -> "Timer":
+    def __enter__(self) -> Timer:
         self._wall, self._cpu = time.perf_counter(), time.process_time()
         return self
 

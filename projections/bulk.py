@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 import asyncpg
 from msgspec.structs import astuple
@@ -30,6 +30,7 @@ from projections.read_model import (
     read_projected_events,
 )
 from projections.rows import EventFields, InputRow, PredictionRow
+
 
 class GapInLog(Exception):
     pass

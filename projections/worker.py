@@ -158,10 +158,7 @@ class ProjectionRunner:
         self._active = True
         log.info("projection %s: this worker is active", self.name)
         await connection.add_listener(NOTIFY_CHANNEL, self._notified)
-        await connection.execute(
-            f"INSERT INTO {CHECKPOINTS_TABLE} (name, position) VALUES ($1, 0) ON CONFLICT (name) DO NOTHING", self.name
-        )
-        position = await connection.fetchval(f"SELECT position FROM {CHECKPOINTS_TABLE} WHERE name = $1", self.name)
+        position = await self._checkpoint(connection)
         self.position = position
         while not self._stopping.is_set():
             if connection.is_closed():
@@ -174,9 +171,7 @@ class ProjectionRunner:
                 )
             except CheckpointMoved as moved:
                 log.warning("projection %s: %s; continuing from there", self.name, moved)
-                position = await connection.fetchval(
-                    f"SELECT position FROM {CHECKPOINTS_TABLE} WHERE name = $1", self.name
-                )
+                position = await self._checkpoint(connection)
                 continue
             self.position = position
             if count:
@@ -186,6 +181,14 @@ class ProjectionRunner:
                 if count == self._batch_size:
                     continue  # more may be waiting: no need for a wake-up
             await self._wait_for_work()
+
+    async def _checkpoint(self, connection: asyncpg.Connection) -> int:
+        position = await connection.fetchval(f"SELECT position FROM {CHECKPOINTS_TABLE} WHERE name = $1", self.name)
+        if position is None:
+            # Not created here: starting from 0 over populated tables would refuse every event
+            # as a duplicate. The migration creates it; an operator who removed it must decide.
+            raise RuntimeError(f"no checkpoint row named {self.name!r} in {CHECKPOINTS_TABLE}")
+        return position
 
     # ---- waiting --------------------------------------------------------------------------
 

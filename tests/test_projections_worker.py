@@ -340,3 +340,25 @@ async def test_stop_drains_the_batch_in_hand(database, app_pool, owner):
         assert await table_counts(owner) == (10, 10, 0)
     finally:
         await blocker.close()
+
+
+async def test_sigterm_drains_the_standalone_worker(database, app_pool, owner):
+    store = EventStore(app_pool)
+    await append(store, *[prediction_request() for _ in range(5)])
+    blocker = await asyncpg.connect(database.owner_dsn)
+    process = _spawn_worker(database)
+    try:
+        async with blocker.transaction():
+            await blocker.execute("LOCK TABLE predictions IN ACCESS EXCLUSIVE MODE")
+            await eventually(lambda: waiting_on_lock(owner), timeout_s=8)
+            process.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.2)
+            assert process.poll() is None  # still finishing its batch
+        assert await asyncio.to_thread(process.wait, 10) == 0
+        assert await checkpoint_of(owner) == 7  # its batch of 7 events was committed, then it stopped
+        assert await lock_holders(owner) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(5)
+        await blocker.close()
