@@ -188,6 +188,7 @@ def test_model_and_openapi_and_metrics(client):
     schema = client.get("/schema/openapi.json").json()
     assert "/prediction" in schema["paths"] and "/events" in schema["paths"]
     assert "multipart/form-data" in schema["paths"]["/prediction"]["post"]["requestBody"]["content"]
+    assert upload(client, digit(0)[0]).status_code == 201
     hostile = "/prediction/' OR 1=1 --"
     client.get(hostile)
     client.get(f"/prediction/{uuid.uuid4()}")
