@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -63,8 +64,8 @@ async def rebuild(
     *,
     name: str = READ_MODEL,
     batch_size: int = 5000,
-    lock_timeout_s: float = 5.0,
-    swap_attempts: int = 5,
+    lock_timeout_s: float = 1.0,
+    swap_attempts: int = 10,
     progress: Callable[[int, int], None] | None = None,
 ) -> RebuildReport:
     connection = await asyncpg.connect(owner_dsn)
@@ -106,7 +107,10 @@ async def rebuild(
                 position, applied, skipped = await _swap(connection, bulk.exact, schema, name, done.position, batch_size,
                                                          lock_timeout_s)
             except asyncpg.LockNotAvailableError:
+                # Readers queue behind a waiting swap, so it waits briefly and tries again later
+                # rather than waiting long (a verify holds the live tables for its whole snapshot).
                 log.warning("rebuild: swap attempt %d could not get its locks in %.1f s", attempt, lock_timeout_s)
+                await asyncio.sleep(min(0.5 * attempt, 5.0))
                 continue
             swapped = True
             return RebuildReport(position=position, events=done.events + applied, swap_events=applied,

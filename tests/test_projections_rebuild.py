@@ -10,6 +10,7 @@ import sys
 import uuid
 from pathlib import Path
 
+import asyncpg
 import msgspec
 import pytest
 
@@ -368,3 +369,25 @@ async def test_bulk_replay_equals_the_live_path_on_a_hostile_log(database, app_p
             assert await owner.fetchval("SELECT count(*) FROM projection_errors") == 6
     finally:
         await runner.stop()
+
+
+async def test_the_swap_waits_briefly_and_retries_while_a_long_reader_holds_the_tables(database, app_pool, owner):
+    await projected(database, app_pool, owner, *[prediction_request() for _ in range(3)])
+    reader = await asyncpg.connect(database.app_dsn)
+    try:
+        transaction = reader.transaction()
+        await transaction.start()
+        await reader.fetch("SELECT * FROM predictions")  # holds its lock until the transaction ends
+        rebuilding = asyncio.create_task(rebuild(database.owner_dsn, lock_timeout_s=0.1))
+        await asyncio.sleep(0.4)
+        # Meanwhile other readers are held up by a waiting swap for at most its lock timeout.
+        started = asyncio.get_running_loop().time()
+        assert len((await list_predictions(app_pool, limit=10))[0]) == 3
+        assert asyncio.get_running_loop().time() - started < 1.0
+        assert not rebuilding.done()
+        await transaction.rollback()
+        report = await asyncio.wait_for(rebuilding, 10)
+        assert report.swap_attempts >= 2
+        assert (await verify(database.owner_dsn)).ok
+    finally:
+        await reader.close()
