@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import os
 import random
@@ -97,6 +98,56 @@ def synthetic_log(events: int, seed: int = 7) -> list[tuple]:
     return records
 
 
+def _process_cpu_s(pid: int) -> float | None:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class BackendCpu:
+    """CPU time of the PostgreSQL backends serving one database, sampled from /proc while they
+    live (the server runs on this machine): the server's share of a phase, apart from the rest
+    of a shared machine's load."""
+
+    def __init__(self, admin_dsn: str, database: str) -> None:
+        self._admin_dsn, self._database = admin_dsn, database
+        self._seen: dict[int, tuple[float, float]] = {}  # pid -> (first, last) CPU seconds
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> BackendCpu:
+        self._connection = await asyncpg.connect(self._admin_dsn)
+        self._own = self._connection.get_server_pid()
+        await self._sample()
+        self._task = asyncio.create_task(self._run())
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        await self._sample()
+        await self._connection.close()
+        self.seconds = sum(last - first for first, last in self._seen.values())
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(0.02)
+            await self._sample()
+
+    async def _sample(self) -> None:
+        pids = await self._connection.fetch(
+            "SELECT pid FROM pg_stat_activity WHERE datname = $1 AND pid <> $2", self._database, self._own
+        )
+        for (pid,) in pids:
+            cpu = _process_cpu_s(pid)
+            if cpu is not None:
+                first, _ = self._seen.get(pid, (cpu, cpu))
+                self._seen[pid] = (first, cpu)
+
+
 class Timer:
     """Wall time and this process's CPU time of one phase (the machine is shared: say so)."""
 
@@ -108,9 +159,14 @@ class Timer:
         self.wall = time.perf_counter() - self._wall
         self.cpu = time.process_time() - self._cpu
 
-    def rate(self, count: int) -> str:
-        return (f"{self.wall:.2f} s, {count / self.wall:,.0f} events/s "
-                f"(Python CPU {self.cpu:.2f} s; load average {os.getloadavg()[0]:.1f})")
+    def rate(self, count: int, server: BackendCpu | None = None) -> str:
+        text = f"{self.wall:.2f} s, {count / self.wall:,.0f} events/s (Python CPU {self.cpu:.2f} s"
+        if server is not None:
+            # The pipeline overlaps the two sides: on two otherwise idle cores the slower side
+            # sets the pace.
+            text += (f", PostgreSQL CPU {server.seconds:.2f} s: ~{count / max(self.cpu, server.seconds):,.0f} "
+                     f"events/s on two idle cores")
+        return text + f"; load average {os.getloadavg()[0]:.1f})"
 
 
 async def bench(admin_dsn: str, events: int, batch_size: int, rounds: int) -> None:
@@ -152,17 +208,19 @@ async def bench(admin_dsn: str, events: int, batch_size: int, rounds: int) -> No
         print(f"live worker catching up from 0 (batches of 1000, every index in place): {timer.rate(count)}")
 
         for attempt in range(rounds):
-            with Timer() as timer:
-                report = await rebuild(owner_dsn, batch_size=batch_size)
-            print(f"rebuild #{attempt + 1} (batches of {batch_size}, live worker running): {timer.rate(count)}; "
-                  f"build {report.build_s:.2f} s, swap {report.swap_s * 1000:.0f} ms")
+            async with BackendCpu(admin_dsn, name) as server:
+                with Timer() as timer:
+                    report = await rebuild(owner_dsn, batch_size=batch_size)
+            print(f"rebuild #{attempt + 1} (batches of {batch_size}, live worker running): "
+                  f"{timer.rate(count, server)}; build {report.build_s:.2f} s, swap {report.swap_s * 1000:.0f} ms")
         await runner.stop()
 
         for attempt in range(rounds):
-            with Timer() as timer:
-                checked = await verify(owner_dsn)
+            async with BackendCpu(admin_dsn, name) as server:
+                with Timer() as timer:
+                    checked = await verify(owner_dsn)
             assert checked.ok, checked.problem
-            print(f"verify #{attempt + 1} (chain + replay + diff in one snapshot): {timer.rate(count)}")
+            print(f"verify #{attempt + 1} (chain + replay + diff in one snapshot): {timer.rate(count, server)}")
 
         connection = await asyncpg.connect(owner_dsn)
         try:

@@ -128,9 +128,9 @@ class BulkWriter:
     def _plan(self, batch: PreparedBatch) -> tuple[list[tuple], list[tuple]] | None:
         """COPY records for the batch, or None when only the exact path can tell the outcome."""
         requested = {row.stream_id: row.input_id for row in batch.inputs}
-        if len(requested) < len(batch.inputs) or not requested.keys().isdisjoint(self._awaiting_outcome):
-            return None  # a second request in one stream: refused by the exact path
         awaiting = self._awaiting_outcome
+        if len(requested) < len(batch.inputs) or not requested.keys().isdisjoint(awaiting):
+            return None  # a second request in one stream: refused by the exact path
         predictions: list[tuple] = []
         answered: set[uuid.UUID] = set()
         for row in batch.outcomes:

@@ -76,6 +76,9 @@ async def rebuild(
         if not await connection.fetchval("SELECT pg_try_advisory_lock($1)", REBUILD_LOCK_KEY):
             raise RebuildError("another rebuild is running")
         started = time.perf_counter()
+        # The build's commits need not wait for the disk: nothing reads the new tables before the
+        # swap, whose own (synchronous) commit flushes the log up to and including them.
+        await connection.execute("SET synchronous_commit = off")
         async with connection.transaction():
             await connection.execute(f"CREATE SCHEMA {quote_ident(schema)}")
             await connection.execute("SELECT read_model_create($1, false)", schema)
@@ -145,6 +148,7 @@ async def _swap(
     applied = skipped = 0
     async with connection.transaction():
         await connection.execute("SELECT set_config('lock_timeout', $1, true)", f"{int(lock_timeout_s * 1000)}ms")
+        await connection.execute("SET LOCAL synchronous_commit = on")
         target = await connection.fetchval(
             f"SELECT position FROM {CHECKPOINTS_TABLE} WHERE name = $1 FOR UPDATE", name
         )
