@@ -69,3 +69,8 @@ bench-model *ARGS: setup
 bench *ARGS: setup
     @command -v wrk >/dev/null 2>&1 || (echo "installing wrk from Debian" && apt-get update -qq && apt-get install -y -qq wrk >/dev/null)
     {{uv}} run --frozen --group bench python bench/run.py {{ARGS}}
+
+# delete an original upload for retention or erasure; the chain stays intact and records why
+[group('audit')]
+erase DIGEST *ARGS: setup
+    {{run}} python -m service.erase {{DIGEST}} {{ARGS}}

@@ -77,6 +77,9 @@ class AppendRequest(msgspec.Struct):
     blobs: dict[bytes, bytes] = {}  # sha256 digest -> original bytes
     idempotency_key: str | None = None
     request_sha256: bytes | None = None
+    # Blobs this request deletes (the erasure path: its events record why). Only a role with
+    # DELETE on blobs may do it; the service's own role may not.
+    erase_blobs: list[bytes] = []
 
 
 class Committed(msgspec.Struct, frozen=True):
@@ -158,7 +161,7 @@ def request_digest(*parts: bytes | str) -> bytes:
     return hasher.digest()
 
 
-def _stored(row: asyncpg.Record) -> StoredEvent:
+def stored_event(row: asyncpg.Record) -> StoredEvent:
     return StoredEvent(
         position=row["position"],
         stream_id=row["stream_id"],
@@ -230,6 +233,7 @@ class EventStore:
             previous_hash = bytes(head["hash"]) if head else GENESIS_HASH
             rows: list[StoredEvent] = []
             blobs: dict[bytes, bytes] = {}
+            erasures: list[bytes] = []
             new_keys: list[tuple[str, bytes, uuid.UUID, int]] = []
             accepted: list[tuple[int, list[StoredEvent]]] = []
 
@@ -282,6 +286,7 @@ class EventStore:
                 versions[request.stream_id] = version
                 rows.extend(stored)
                 blobs.update(request.blobs)
+                erasures.extend(request.erase_blobs)
                 if key is not None:
                     request_sha256 = request.request_sha256 or b""
                     keys[key] = (request_sha256.hex(), request.stream_id)
@@ -308,6 +313,10 @@ class EventStore:
                     [k[3] for k in new_keys],
                     str(position),
                 )
+            for digest in erasures:
+                # The blob table's DELETE trigger lets through exactly the blob named here.
+                await connection.execute("SELECT set_config('audit.erasing_blob', $1, true)", digest.hex())
+                await connection.execute("DELETE FROM blobs WHERE sha256 = $1", digest)
         # Committed: only now may anyone be told.
         for index, stored in accepted:
             outcomes[index] = Committed(requests[index].stream_id, stored, position, previous_hash)
@@ -319,13 +328,13 @@ class EventStore:
         rows = await self._fetch(
             f"SELECT {_EVENT_COLUMNS} FROM events WHERE position > $1 ORDER BY position LIMIT $2", after, limit
         )
-        return [_stored(row) for row in rows]
+        return [stored_event(row) for row in rows]
 
     async def read_stream(self, stream_id: uuid.UUID) -> list[StoredEvent]:
         rows = await self._fetch(
             f"SELECT {_EVENT_COLUMNS} FROM events WHERE stream_id = $1 ORDER BY stream_version", stream_id
         )
-        return [_stored(row) for row in rows]
+        return [stored_event(row) for row in rows]
 
     async def head(self) -> tuple[int, bytes]:
         rows = await self._fetch(_HEAD_SQL)

@@ -21,6 +21,7 @@ from db.store import CONNECTION_ERRORS, DatabaseUnavailable, EventStore
 from domain.model_port import ModelInfo
 from domain.preprocessing import PreprocessSpec
 from projections import queries
+from projections.checkpoints import ChainHeadCheckpointer, load_or_create_key
 from projections.worker import ProjectionRunner
 from service.batcher import MicroBatcher
 from service.config import Settings
@@ -49,6 +50,7 @@ class Runtime:
         self.batcher: MicroBatcher | None = None
         self.predictions: PredictionService | None = None
         self.projector: ProjectionRunner | None = None
+        self.checkpointer: ChainHeadCheckpointer | None = None
         self.model_info: ModelInfo | None = None
         self.model_registered = False
         self.model_error: str | None = None
@@ -69,7 +71,15 @@ class Runtime:
         self.committer = GroupCommitter(self.store, max_group=s.max_group, on_group=self.metrics.observe_commit)
         self.committer.start()
         if self.run_projections:
-            self.projector = ProjectionRunner(self.app_dsn, poll_interval_s=s.projection_poll_s)
+            # Chain heads are signed by whichever process holds the projection lock.
+            key = await asyncio.to_thread(load_or_create_key, s.checkpoint_key)
+            self.checkpointer = ChainHeadCheckpointer(
+                self.app_dsn, s.checkpoint_dir, key, interval_s=s.checkpoint_interval_s
+            )
+            await self.checkpointer.start()
+            self.projector = ProjectionRunner(
+                self.app_dsn, poll_interval_s=s.projection_poll_s, on_applied=self.checkpointer.on_applied
+            )
             await self.projector.start()
         self._background.append(asyncio.create_task(self._bring_up_model(), name="model-warm-up"))
         self._background.append(asyncio.create_task(self._learn_log_id(), name="log-id"))
@@ -85,6 +95,8 @@ class Runtime:
             await self.committer.close()
         if self.projector is not None:
             await self.projector.stop()
+        if self.checkpointer is not None:
+            await self.checkpointer.stop()
         self._decoder.shutdown(wait=True)
         if self.read_pool is not None and self.read_pool is not self.pool:
             await self.read_pool.close()

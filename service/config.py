@@ -47,6 +47,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     read_your_writes_timeout_s: float
     readiness_max_lag_events: int  # 0: lag never turns readiness red
     checkpoint_dir: Path
+    checkpoint_key: Path  # Ed25519 private key (PEM) for chain-head checkpoints; never in the database
+    checkpoint_interval_s: float
     api_keys: str  # "key1:predict,read;key2:audit" (empty: no keys required)
     log_level: str
 
@@ -76,6 +78,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             read_your_writes_timeout_s=_float("READ_YOUR_WRITES_TIMEOUT_S", 5.0),
             readiness_max_lag_events=_int("READINESS_MAX_LAG_EVENTS", 0),
             checkpoint_dir=Path(_env("CHECKPOINT_DIR", str(PROJECT_ROOT / ".data" / "checkpoints"))),
+            checkpoint_key=Path(_env("CHECKPOINT_KEY", str(PROJECT_ROOT / ".data" / "checkpoint_ed25519.pem"))),
+            checkpoint_interval_s=_float("CHECKPOINT_INTERVAL_S", 1.0),
             api_keys=_env("API_KEYS", ""),
             log_level=_env("LOG_LEVEL", "INFO"),
         )

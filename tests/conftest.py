@@ -1,11 +1,28 @@
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
 
 from tests.databases import Server, ThrowawayDatabase
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_checkpoints(tmp_path_factory):
+    """Chain-head checkpoints and their signing key go to a temporary folder, never `.data/`
+    (service processes the tests start inherit this environment)."""
+    folder = tmp_path_factory.mktemp("checkpoints")
+    saved = {name: os.environ.get(name) for name in ("CHECKPOINT_DIR", "CHECKPOINT_KEY")}
+    os.environ["CHECKPOINT_DIR"] = str(folder / "heads")
+    os.environ["CHECKPOINT_KEY"] = str(folder / "key.pem")
+    yield folder
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 @pytest.fixture(scope="session")

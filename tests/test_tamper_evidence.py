@@ -1,0 +1,132 @@
+"""Tamper evidence outside the chain: signed chain-head checkpoints, and erasure that keeps the
+chain intact."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from db.store import Committed, EventStore, stored_event
+from domain.chain import GENESIS_HASH, find_break, link
+from projections.checkpoints import (
+    ChainHeadCheckpointer,
+    check_against_log,
+    load_or_create_key,
+    read_all,
+    sign,
+    write,
+)
+from service.erase import ErasureRefused, erase
+from tests.factories import prediction_request
+
+
+async def fill(app_pool, n: int = 4) -> list[Committed]:
+    outcomes = await EventStore(app_pool).append([prediction_request(label=str(i)) for i in range(n)])
+    assert all(isinstance(o, Committed) for o in outcomes)
+    return outcomes  # type: ignore[return-value]
+
+
+async def log_id(connection) -> str:
+    return str(await connection.fetchval("SELECT log_id FROM log_identity"))
+
+
+async def rewrite_forward_from(owner: asyncpg.Connection, position: int) -> None:
+    """What a superuser could do: edit an event, then recompute every later hash so the chain
+    verifies again on its own."""
+    async with owner.transaction():
+        await owner.execute("ALTER TABLE events DISABLE TRIGGER USER")
+        await owner.execute(
+            "UPDATE events SET data = replace(data::text, 'digit', 'DIGIT')::json WHERE position = $1", position
+        )
+        previous = GENESIS_HASH
+        for row in await owner.fetch("SELECT * FROM events ORDER BY position"):
+            record = stored_event(row).chained()
+            previous = link(previous, record)
+            await owner.execute("UPDATE events SET hash = $1 WHERE position = $2", previous, record.position)
+        await owner.execute("ALTER TABLE events ENABLE TRIGGER USER")
+
+
+async def test_a_forward_rewrite_verifies_alone_but_not_against_a_signed_checkpoint(app_pool, owner, tmp_path):
+    committed = await fill(app_pool)
+    key = load_or_create_key(tmp_path / "key.pem")
+    head = committed[-1]
+    write(tmp_path / "heads", sign(key, await log_id(owner), head.head_position, head.head_hash.hex()),
+          append_history=True)
+    checked, problems = await check_against_log(owner, tmp_path / "heads", await log_id(owner), key.public_key())
+    assert checked == 2 and problems == []  # history + latest
+
+    await rewrite_forward_from(owner, 3)
+    rows = await EventStore(app_pool).read_all(0, 100)
+    assert find_break((e.chained(), e.hash) for e in rows)[0] is None  # the chain alone is fooled
+    _, problems = await check_against_log(owner, tmp_path / "heads", await log_id(owner), key.public_key())
+    assert problems and problems[0].position == head.head_position and "rewritten" in problems[0].reason
+
+
+async def test_a_forged_or_foreign_checkpoint_is_refused(app_pool, owner, tmp_path):
+    committed = await fill(app_pool)
+    mine, theirs = load_or_create_key(tmp_path / "mine.pem"), load_or_create_key(tmp_path / "theirs.pem")
+    identity = await log_id(owner)
+    write(tmp_path / "heads", sign(theirs, identity, 8, committed[-1].head_hash.hex()), append_history=False)
+    _, problems = await check_against_log(owner, tmp_path / "heads", identity, mine.public_key())
+    assert problems and "signature" in problems[0].reason
+
+
+async def test_the_key_file_is_private_and_stable(tmp_path):
+    first = load_or_create_key(tmp_path / "k.pem")
+    assert (tmp_path / "k.pem").stat().st_mode & 0o777 == 0o600
+    second = load_or_create_key(tmp_path / "k.pem")
+    assert first.public_key().public_bytes_raw() == second.public_key().public_bytes_raw()
+
+
+async def test_the_checkpointer_signs_the_applied_head_and_catches_up_after_a_quiet_spell(app_pool, database, owner, tmp_path):
+    committed = await fill(app_pool, 3)
+    key = load_or_create_key(tmp_path / "key.pem")
+    checkpointer = ChainHeadCheckpointer(database.app_dsn, tmp_path / "heads", key, interval_s=0.2, history_s=0)
+    await checkpointer.start()
+    try:
+        checkpointer.on_applied(2, 2)
+        checkpointer.on_applied(6, 4)  # arrives during the interval: written once it has passed
+        identity = await log_id(owner)
+        for _ in range(100):
+            latest = read_all(tmp_path / "heads", identity)
+            if latest and latest[-1].checkpoint.position == 6:
+                break
+            await asyncio.sleep(0.05)
+        assert latest[-1].checkpoint.position == 6
+        assert latest[-1].checkpoint.hash == committed[-1].head_hash.hex()
+    finally:
+        await checkpointer.stop()
+    assert (await check_against_log(owner, tmp_path / "heads", identity, key.public_key()))[1] == []
+
+
+async def test_erasure_deletes_the_bytes_records_why_and_keeps_the_chain(app_pool, database, owner):
+    committed = await fill(app_pool, 2)
+    request_event = committed[0].events[0].decode()
+    digest = request_event.blob_sha256
+    result = await erase(database.owner_dsn, digest, "retention: 30 days")
+    assert await owner.fetchval("SELECT count(*) FROM blobs WHERE sha256 = $1", bytes.fromhex(digest)) == 0
+    erased = result.events[0].decode()
+    assert erased.blob_sha256 == digest and erased.reason == "retention: 30 days"
+    rows = await EventStore(app_pool).read_all(0, 100)
+    assert find_break((e.chained(), e.hash) for e in rows)[0] is None
+    with pytest.raises(ErasureRefused, match="already erased"):
+        await erase(database.owner_dsn, digest, "again")
+    with pytest.raises(ErasureRefused, match="no upload"):
+        await erase(database.owner_dsn, hashlib.sha256(b"never uploaded").hexdigest(), "x")
+
+
+async def test_only_the_erasure_path_may_delete_a_blob(app_pool, owner):
+    committed = await fill(app_pool, 1)
+    digest = bytes.fromhex(committed[0].events[0].decode().blob_sha256)
+    with pytest.raises(asyncpg.InsufficientPrivilegeError):
+        await app_pool.execute("DELETE FROM blobs WHERE sha256 = $1", digest)  # the service's role
+    with pytest.raises(asyncpg.InsufficientPrivilegeError):
+        await owner.execute("DELETE FROM blobs WHERE sha256 = $1", digest)  # even a superuser, directly
+    async with owner.transaction():  # naming another blob in the flag does not open this one
+        await owner.execute("SELECT set_config('audit.erasing_blob', $1, true)", "00" * 32)
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await owner.execute("DELETE FROM blobs WHERE sha256 = $1", digest)
