@@ -13,8 +13,11 @@ import logging
 import os
 import signal
 import sys
+from pathlib import Path
 
 from db.dsn import redacted
+from projections.audit_checks import load_receipt, original_bytes, receipt, signed_checkpoints
+from projections.checkpoints import ChainHeadCheckpointer, load_or_create_key
 from projections.read_model import READ_MODEL
 from projections.rebuild import RebuildError, rebuild
 from projections.replay import replay
@@ -33,12 +36,19 @@ def _env_float(name: str, default: float) -> float:
 
 async def run_worker(settings: Settings, args: argparse.Namespace) -> int:
     target = await prepare(settings)
+    # Whichever process holds the projection lock signs the chain heads it has applied.
+    checkpointer = ChainHeadCheckpointer(
+        target.app_dsn, settings.checkpoint_dir, load_or_create_key(settings.checkpoint_key),
+        interval_s=settings.checkpoint_interval_s,
+    )
+    await checkpointer.start()
     runner = ProjectionRunner(
         target.app_dsn,
         poll_interval_s=settings.projection_poll_s,
         batch_size=args.batch_size,
         lock_poll_s=args.lock_poll_s,
         connect_timeout_s=settings.connect_timeout_s,
+        on_applied=checkpointer.on_applied,
     )
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -49,6 +59,7 @@ async def run_worker(settings: Settings, args: argparse.Namespace) -> int:
     await stopping.wait()
     log.info("stopping: draining the batch in hand")
     await runner.stop()
+    await checkpointer.stop()
     log.info("stopped at checkpoint %s", runner.position)
     return 0
 
@@ -71,8 +82,21 @@ async def run_rebuild(settings: Settings, args: argparse.Namespace) -> int:
 
 async def run_verify(settings: Settings, args: argparse.Namespace) -> int:
     target = resolve(settings)
-    report = await verify(target.owner_dsn)
+    notes: list[str] = []
+    public_key = (
+        load_or_create_key(settings.checkpoint_key).public_key() if settings.checkpoint_key.exists() else None
+    )
+    checks = [signed_checkpoints(settings.checkpoint_dir, public_key, notes), original_bytes(notes)]
+    if args.receipt is not None:
+        try:
+            checks.append(receipt(load_receipt(args.receipt), notes))
+        except (OSError, ValueError) as error:  # msgspec's errors are ValueErrors
+            print(f"verify: cannot read the receipt {args.receipt}: {error}", file=sys.stderr)
+            return 2
+    report = await verify(target.owner_dsn, outside_checks=checks)
     print(report.describe())
+    for note in notes:
+        print(note)
     return 0 if report.ok else 1
 
 
@@ -102,6 +126,8 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--batch-size", type=int, default=5000)
     build.set_defaults(handler=run_rebuild)
     check = commands.add_parser("verify", help="check the hash chain and diff the read tables with a replay")
+    check.add_argument("--receipt", type=Path, default=None,
+                       help="also check a receipt (or a saved POST /prediction/ answer) against the log")
     check.set_defaults(handler=run_verify)
     dump = commands.add_parser("replay", help="events as NDJSON on stdout")
     dump.add_argument("--after", type=int, default=0, help="start after this position")
