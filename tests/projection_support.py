@@ -14,7 +14,7 @@ import asyncpg
 
 from db.store import APPEND_LOCK_KEY, AppendRequest, EventStore
 from domain.chain import GENESIS_HASH, ChainedRecord, link, to_microseconds
-from domain.events import BlobErased, ModelRegistered, PredictionFailed
+from domain.events import BlobErased, ModelRef, ModelRegistered, PredictionFailed
 from domain.streams import erasure_stream_id, model_stream_id
 from tests.factories import MODEL, prediction_request
 
@@ -33,9 +33,14 @@ def failed_request(*, label: str = "") -> AppendRequest:
 
 
 def model_registration() -> AppendRequest:
-    registered = ModelRegistered(model=MODEL, size_bytes=10, input_shape=[28, 28, 1], output_kind="vector",
-                                 num_classes=10, runtime={"tensorflow": "test"})
-    return AppendRequest(stream_id=model_stream_id(MODEL.sha256), expected_version=0, events=[registered])
+    # As the service registers a model: the artifact is kept as a blob under its digest.
+    artifact = b"a test model artifact"
+    digest = hashlib.sha256(artifact).digest()
+    model = ModelRef(name=MODEL.name, version=MODEL.version, sha256=digest.hex())
+    registered = ModelRegistered(model=model, size_bytes=len(artifact), input_shape=[28, 28, 1],
+                                 output_kind="vector", num_classes=10, runtime={"tensorflow": "test"})
+    return AppendRequest(stream_id=model_stream_id(model.sha256), expected_version=0, events=[registered],
+                         blobs={digest: artifact})
 
 
 def erasure(blob_sha256: str) -> AppendRequest:
