@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from tests.live import LiveService, digit_files
-from tests.proxy import DatabaseProxy
+from tests.proxy import TcpProxy
 
 pytestmark = [pytest.mark.fault, pytest.mark.timeout(240)]
 
@@ -125,17 +125,19 @@ async def test_sigterm_drains_every_accepted_request(database, tmp_path):
 
 
 async def test_database_outage_fast_503s_then_recovery_without_restart(database, tmp_path):
-    proxy = DatabaseProxy(database.owner_dsn)
+    proxy = TcpProxy(database.owner_dsn)
+    await proxy.start()
     service = LiveService(
         proxy.dsn, tmp_path / "service.log",
         DB_CONNECT_TIMEOUT_S="1", DB_STATEMENT_TIMEOUT_MS="2000", DB_LOCK_TIMEOUT_MS="1000",
         PROJECTION_POLL_S="0.2", READ_YOUR_WRITES_TIMEOUT_S="1",
-    ).start()
+    )
+    await asyncio.to_thread(service.start)  # the proxy runs on this loop: keep it free
     try:
         before = await load(service.url, 20, 4)
         assert all(r.status_code == 201 for r in before)
 
-        proxy.cut()
+        await proxy.stop()
         started = time.monotonic()
         during = await load(service.url, 30, 6)
         elapsed = time.monotonic() - started
@@ -150,7 +152,7 @@ async def test_database_outage_fast_503s_then_recovery_without_restart(database,
             assert (await http.get("/predictions/")).status_code == 503
             assert (await http.get("/health/live")).status_code == 200
 
-            proxy.resume()
+            await proxy.start()
             deadline = time.monotonic() + 30
             while (await http.get("/health/ready")).status_code != 200:
                 assert time.monotonic() < deadline, service.log()
@@ -160,8 +162,8 @@ async def test_database_outage_fast_503s_then_recovery_without_restart(database,
         acknowledged = [r.json()["prediction_id"] for r in [*before, *after]]
         await check_log_integrity(database.owner_dsn, acknowledged)
     finally:
-        service.stop()
-        proxy.close()
+        await asyncio.to_thread(service.stop)
+        await proxy.stop()
 
 
 async def test_huge_multipart_parts_are_bounded_and_harm_nobody(database, tmp_path):

@@ -20,8 +20,8 @@ from projections.queries import get_prediction, list_predictions
 from projections.read_model import CheckpointMoved, ReadModelWriter, project_batch
 from projections.worker import ProjectionRunner
 from tests.factories import prediction_request
+from tests.proxy import TcpProxy
 from tests.projection_support import (
-    TcpProxy,
     append,
     append_raw,
     caught_up,
