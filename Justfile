@@ -31,8 +31,9 @@ project: setup
 
 # run the test suite (embedded PostgreSQL unless DATABASE_URL is set); extra args go to pytest
 [group('test')]
+[positional-arguments]
 test *ARGS: setup
-    {{run}} pytest {{ARGS}}
+    {{run}} pytest "$@"
 
 # rebuild the read tables from position 0 and swap them in while the API keeps answering
 [group('audit')]
@@ -41,13 +42,15 @@ rebuild: setup
 
 # verify the hash chain, the outside checkpoints and the read tables (exit 1 names the first difference)
 [group('audit')]
+[positional-arguments]
 verify *ARGS: setup
-    {{run}} python -m projections verify {{ARGS}}
+    {{run}} python -m projections verify "$@"
 
 # print events as NDJSON (e.g. `just replay --after 100`)
 [group('audit')]
+[positional-arguments]
 replay *ARGS: setup
-    {{run}} python -m projections replay {{ARGS}}
+    {{run}} python -m projections replay "$@"
 
 # re-run the recorded model on the stored bytes of a prediction and compare
 [group('audit')]
@@ -56,8 +59,9 @@ reproduce ID: setup
 
 # retrain the default model from a local .npz (`--online` uses Keras' MNIST download instead)
 [group('model')]
+[positional-arguments]
 train *ARGS: setup
-    {{run}} python saved_model/train.py {{ARGS}}
+    {{run}} python saved_model/train.py "$@"
 
 # model-only throughput and latency by batch size
 [group('bench')]
@@ -72,5 +76,6 @@ bench *ARGS: setup
 
 # delete an original upload for retention or erasure; the chain stays intact and records why
 [group('audit')]
+[positional-arguments]
 erase DIGEST *ARGS: setup
-    {{run}} python -m service.erase {{DIGEST}} {{ARGS}}
+    {{run}} python -m service.erase "$@"

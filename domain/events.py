@@ -96,6 +96,7 @@ Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
 UPCASTERS: dict[tuple[str, int], Upcaster] = {}
 
 _encoder = msgspec.json.Encoder()
+_decoders: dict[str, msgspec.json.Decoder[Any]] = {name: msgspec.json.Decoder(cls) for name, cls in EVENT_TYPES.items()}
 
 
 def event_type(event: Event) -> str:
@@ -127,7 +128,7 @@ def decode_event(
     if cls is None or current is None:
         raise UnknownEvent(f"unknown event type {type_name!r}")
     if schema_version == current:
-        return msgspec.json.decode(data, type=cls)
+        return _decoders[type_name].decode(data)
     if schema_version > current:
         raise UnknownEvent(f"{type_name} schema version {schema_version} is newer than this code ({current})")
     fields = msgspec.json.decode(data)

@@ -19,6 +19,7 @@ from litestar.response import Stream
 
 from db.store import DatabaseUnavailable
 from domain.preprocessing import sniff_format
+from domain.uploads import UploadRejected, check_idempotency_key
 from projections import queries
 from service.predictions import Recorded
 from service.problems import PROBLEM_MEDIA_TYPE, Problem
@@ -165,25 +166,23 @@ async def create_prediction(
     runtime = state.runtime
     runtime.require_model()
     try:
+        check_idempotency_key(idempotency_key)
+    except UploadRejected as rejected:
+        raise Problem(rejected.status, rejected.code, rejected.message) from None
+    try:
         body = await read_body(
             request, limit=runtime.settings.max_upload_bytes, deadline_s=runtime.settings.body_read_timeout_s
         )
     except ClientGone:
         raise Problem(400, "client_disconnected", "the client went away before the body arrived") from None
-    upload = parse_upload(request, body)
-    from domain.uploads import UploadRejected, check_idempotency_key
-
-    try:
-        check_idempotency_key(idempotency_key)
-    except UploadRejected as rejected:
-        raise Problem(rejected.status, rejected.code, rejected.message) from None
+    upload = parse_upload(request, body, filename)
     recorded: Recorded = await runtime.predictions.predict(
         upload,
         idempotency_key=idempotency_key,
         metadata={
             "request_id": request.scope.get("state", {}).get("request_id"),
             "client": request.client.host if request.client else None,
-            "user_agent": request.headers.get("user-agent"),
+            "user_agent": (request.headers.get("user-agent") or "")[:256] or None,
         },
     )
     the_receipt = receipt(runtime.log_id, recorded.events, recorded.head_position, recorded.head_hash)

@@ -60,8 +60,9 @@ def _too_large(limit: int) -> Problem:
     return Problem(413, "upload_too_large", f"uploads are limited to {limit} bytes", max_bytes=limit)
 
 
-def parse_upload(request: Request, body: bytes) -> Upload:
-    """A multipart form with a `file` field, or the image itself as the body."""
+def parse_upload(request: Request, body: bytes, filename: str | None = None) -> Upload:
+    """A multipart form with a `file` field, or the image itself as the body (named by the
+    `filename` query parameter or the X-Filename header)."""
     media_type, options = parse_content_header(request.headers.get("content-type", ""))
     if media_type == "multipart/form-data":
         return _from_multipart(body, options.get("boundary"))
@@ -70,7 +71,6 @@ def parse_upload(request: Request, body: bytes) -> Upload:
             415, "unsupported_media_type",
             "send the image as multipart/form-data (field `file`) or as the raw body with its image type",
         )
-    filename = request.query_params.get("filename")
     if filename is None and (header := request.headers.get("x-filename")) is not None:
         try:  # headers are Latin-1 on the wire: X-Filename carries percent-encoded UTF-8
             filename = unquote(header, errors="strict")
