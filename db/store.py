@@ -9,9 +9,9 @@ with each request in a transaction of its own.
 
 from __future__ import annotations
 
-import hashlib
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any
 
@@ -125,14 +125,20 @@ _EVENT_COLUMNS = "position, stream_id, stream_version, event_type, schema_versio
 
 _HEAD_SQL = "SELECT position, hash FROM events ORDER BY position DESC LIMIT 1"
 
+# Runs after the lock is held (a statement's snapshot is taken when it starts, so the head must not
+# be read in the statement that waits for the lock).
 _CHECKS_SQL = """
 SELECT clock_timestamp() AS now,
+       h.position AS head_position, h.hash AS head_hash,
        (SELECT json_object_agg(stream_id, version) FROM (
             SELECT stream_id, max(stream_version) AS version FROM events
             WHERE stream_id = ANY($1::uuid[]) GROUP BY stream_id) AS s) AS versions,
        (SELECT json_object_agg(key, json_build_array(encode(request_sha256, 'hex'), stream_id))
           FROM idempotency_keys WHERE key = ANY($2::text[])) AS keys
+FROM (SELECT 1) AS one LEFT JOIN (SELECT position, hash FROM events ORDER BY position DESC LIMIT 1) AS h ON true
 """
+# BEGIN and the lock in one round trip (simple protocol; the key is our own constant).
+_BEGIN_AND_LOCK_SQL = f"BEGIN; SELECT pg_advisory_xact_lock({APPEND_LOCK_KEY})"
 
 _INSERT_SQL = f"""
 WITH new_blobs AS (
@@ -152,13 +158,20 @@ SELECT pg_notify('{NOTIFY_CHANNEL}', $16::text)
 """
 
 
-def request_digest(*parts: bytes | str) -> bytes:
-    """A fingerprint of a request, to tell an idempotent retry from a reused key."""
-    hasher = hashlib.sha256()
-    for part in parts:
-        data = part.encode() if isinstance(part, str) else part
-        hasher.update(len(data).to_bytes(8, "big") + data)
-    return hasher.digest()
+@asynccontextmanager
+async def _transaction(connection: asyncpg.Connection) -> AsyncIterator[None]:
+    """BEGIN + the append lock in one round trip; COMMIT on success, ROLLBACK otherwise."""
+    await connection.execute(_BEGIN_AND_LOCK_SQL)
+    try:
+        yield
+    except BaseException:
+        if not connection.is_closed():
+            try:
+                await connection.execute("ROLLBACK")
+            except CONNECTION_ERRORS:
+                pass
+        raise
+    await connection.execute("COMMIT")
 
 
 def stored_event(row: asyncpg.Record) -> StoredEvent:
@@ -213,9 +226,7 @@ class EventStore:
                 outcomes[index] = AppendRejected(f"the events cannot be encoded: {error}")
                 encoded.append(None)
 
-        async with self.pool.acquire() as connection, connection.transaction():
-            await connection.execute("SELECT pg_advisory_xact_lock($1)", APPEND_LOCK_KEY)
-            head = await connection.fetchrow(_HEAD_SQL)
+        async with self.pool.acquire() as connection, _transaction(connection):
             checks = await connection.fetchrow(
                 _CHECKS_SQL,
                 list({request.stream_id for request in requests}),
@@ -229,8 +240,8 @@ class EventStore:
             recorded_at: datetime = checks["now"]  # clock_timestamp() under the lock
             recorded_at_us = to_microseconds(recorded_at)
 
-            position = head["position"] if head else 0
-            previous_hash = bytes(head["hash"]) if head else GENESIS_HASH
+            position = checks["head_position"] or 0
+            previous_hash = bytes(checks["head_hash"]) if checks["head_hash"] is not None else GENESIS_HASH
             rows: list[StoredEvent] = []
             blobs: dict[bytes, bytes] = {}
             erasures: list[bytes] = []
