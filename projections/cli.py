@@ -45,6 +45,7 @@ async def run_worker(settings: Settings, args: argparse.Namespace) -> int:
     runner = ProjectionRunner(
         target.app_dsn,
         poll_interval_s=settings.projection_poll_s,
+        coalesce_s=settings.projection_coalesce_s,
         batch_size=args.batch_size,
         lock_poll_s=args.lock_poll_s,
         connect_timeout_s=settings.connect_timeout_s,

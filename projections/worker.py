@@ -75,6 +75,7 @@ class ProjectionRunner:
         connect_timeout_s: float = 5.0,
         command_timeout_s: float = 60.0,
         drain_timeout_s: float = 30.0,
+        coalesce_s: float = 0.0,
     ) -> None:
         self._dsn = dsn
         self._poll_interval_s = poll_interval_s
@@ -87,6 +88,7 @@ class ProjectionRunner:
         self._connect_timeout_s = connect_timeout_s
         self._command_timeout_s = command_timeout_s
         self._drain_timeout_s = drain_timeout_s
+        self._coalesce_s = coalesce_s
         self._writer = ReadModelWriter(LIVE_SCHEMA)
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
@@ -180,6 +182,10 @@ class ProjectionRunner:
                 await self._report(position, count)
                 if count == self._batch_size:
                     continue  # more may be waiting: no need for a wake-up
+                # Under load every group commit notifies: let a few commits gather so a batch
+                # carries many events instead of paying per-batch costs for each commit.
+                if self._coalesce_s > 0 and await self._sleep(self._coalesce_s):
+                    break
             await self._wait_for_work()
 
     async def _checkpoint(self, connection: asyncpg.Connection) -> int:

@@ -8,6 +8,7 @@ group committer, pools).
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -78,7 +79,8 @@ class Runtime:
             )
             await self.checkpointer.start()
             self.projector = ProjectionRunner(
-                self.app_dsn, poll_interval_s=s.projection_poll_s, on_applied=self.checkpointer.on_applied
+                self.app_dsn, poll_interval_s=s.projection_poll_s, coalesce_s=s.projection_coalesce_s,
+                on_applied=self.checkpointer.on_applied,
             )
             await self.projector.start()
         self._background.append(asyncio.create_task(self._bring_up_model(), name="model-warm-up"))
@@ -129,6 +131,11 @@ class Runtime:
             decoder=self._decoder,
         )
         self.model_info = model.info
+        # TensorFlow leaves a large heap of long-lived objects that every full collection would
+        # walk again (measured: 15% of the event loop's time under load). Freeze what exists
+        # after warm-up so the collector only looks at what requests allocate.
+        gc.collect()
+        gc.freeze()
         await self._retry(lambda: register_model(self.store, model.info, model.artifact), "register the model")
         self.model_registered = True
 

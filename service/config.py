@@ -44,6 +44,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     statement_timeout_ms: int
     idle_in_transaction_timeout_ms: int
     projection_poll_s: float
+    projection_coalesce_s: float  # after a batch, let this long of commits gather before the next
     read_your_writes_timeout_s: float
     readiness_max_lag_events: int  # 0: lag never turns readiness red
     checkpoint_dir: Path
@@ -75,6 +76,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             statement_timeout_ms=_int("DB_STATEMENT_TIMEOUT_MS", 10000),
             idle_in_transaction_timeout_ms=_int("DB_IDLE_IN_TRANSACTION_TIMEOUT_MS", 15000),
             projection_poll_s=_float("PROJECTION_POLL_S", 1.0),
+            projection_coalesce_s=_float("PROJECTION_COALESCE_S", 0.02),
             read_your_writes_timeout_s=_float("READ_YOUR_WRITES_TIMEOUT_S", 5.0),
             readiness_max_lag_events=_int("READINESS_MAX_LAG_EVENTS", 0),
             checkpoint_dir=Path(_env("CHECKPOINT_DIR", str(PROJECT_ROOT / ".data" / "checkpoints"))),

@@ -39,10 +39,16 @@ async def prepare(settings: Settings) -> DatabaseTarget:
     return target
 
 
+async def _keep_session(connection: asyncpg.Connection) -> None:
+    """Pool release without asyncpg's reset round trip (advisory unlock, CLOSE ALL, UNLISTEN,
+    RESET ALL): the service changes no session state, and its locks are transaction-scoped."""
+
+
 async def create_pool(dsn: str, settings: Settings, *, size: int | None = None, min_size: int = 1) -> asyncpg.Pool:
     return await asyncpg.create_pool(
         dsn,
         min_size=min_size,
+        reset=_keep_session,
         max_size=size or settings.pool_size,
         timeout=settings.connect_timeout_s,
         command_timeout=settings.statement_timeout_ms / 1000 + 1,

@@ -47,7 +47,8 @@ def _scopes_of(presented: str, keys: dict[bytes, frozenset[str]]) -> frozenset[s
 
 
 def require_scope(scope: str):
-    def guard(connection: ASGIConnection, _: BaseRouteHandler) -> None:
+    # async, though it awaits nothing: Litestar runs a sync guard in a worker thread.
+    async def guard(connection: ASGIConnection, _: BaseRouteHandler) -> None:
         keys: dict[bytes, frozenset[str]] = connection.app.state.runtime.api_keys
         if not keys:
             return
