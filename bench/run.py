@@ -139,9 +139,26 @@ def _ticks(stat_path: str) -> int:
         return 0
 
 
+def process_tree(pid: int) -> list[int]:
+    """The process and its descendants (uvicorn's worker processes when WORKERS > 1)."""
+    found, pending = [], [pid]
+    while pending:
+        current = pending.pop()
+        found.append(current)
+        try:
+            for task in os.listdir(f"/proc/{current}/task"):
+                with open(f"/proc/{current}/task/{task}/children") as handle:
+                    pending.extend(int(child) for child in handle.read().split())
+        except OSError:
+            pass
+    return found
+
+
 def process_ticks(pid: int) -> tuple[int, int]:
-    """(whole process, main thread) CPU ticks: the main thread runs the asyncio event loop."""
-    return _ticks(f"/proc/{pid}/stat"), _ticks(f"/proc/{pid}/task/{pid}/stat")
+    """(whole process tree, main threads) CPU ticks: a main thread runs an asyncio event loop."""
+    tree = process_tree(pid)
+    return (sum(_ticks(f"/proc/{p}/stat") for p in tree),
+            sum(_ticks(f"/proc/{p}/task/{p}/stat") for p in tree))
 
 
 def machine_ticks() -> tuple[int, int]:
@@ -266,7 +283,9 @@ class Bench:
         scratch = self.results / f"wrk-{uuid.uuid4().hex[:8]}.json"
         warm = await wrk(target.url, connections, self.args.warmup, mode, self.manifest, scratch)
         settle_s = await settle(self.server_pids or [target.pid])
-        metrics_before = scrape(target.url) if target.name == "ours" else {}
+        # /metrics is per process: with several workers its deltas would mix processes.
+        single = len(process_tree(target.pid)) == 1
+        metrics_before = scrape(target.url) if target.name == "ours" and single else {}
         pids = await backend_pids(self.admin, target.database) if target.database else []
         pg_before = {pid: _ticks(f"/proc/{pid}/stat") for pid in pids}
         proc_before, loop_before = process_ticks(target.pid)
@@ -285,7 +304,7 @@ class Bench:
         pg_ticks = sum(_ticks(f"/proc/{pid}/stat") - pg_before.get(pid, 0) for pid in pids)
         if lag is not None:
             await lag.stop()
-        metrics_after = scrape(target.url) if target.name == "ours" else {}
+        metrics_after = scrape(target.url) if target.name == "ours" and single else {}
 
         latency = data["latency_us"]
         run = Run(
@@ -533,7 +552,7 @@ async def profile(bench: Bench, target: Target, connections: int) -> dict[str, A
         for output, fmt in ((svg, "flamegraph"), (raw, "raw")):
             process = await asyncio.create_subprocess_exec(
                 *spy, "record", "--pid", str(target.pid), "--duration", str(window // 2), "--rate", "250",
-                "--nonblocking", "--threads", "--format", fmt, "--output", str(output),
+                "--nonblocking", "--threads", "--subprocesses", "--format", fmt, "--output", str(output),
                 stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
             )
             await process.wait()
@@ -557,6 +576,11 @@ def top_frames(raw: Path, limit: int = 25) -> dict[str, Any]:
             continue
         count = int(count_text)
         frames = stack.split(";")
+        if frames[0].startswith("process "):  # --subprocesses prefixes the process (its command
+            while frames and not frames[0].startswith("thread "):  # line may hold a ";")
+                frames = frames[1:]
+            if not frames:
+                continue
         thread = frames[0]
         threads[thread] += count
         if "MainThread" not in thread:
@@ -579,6 +603,10 @@ _ROOT_FRAMES = {  # the chain every loop sample starts with: says nothing
     "asyncio_run (uvicorn/_compat.py)", "Runner.run (asyncio/runners.py)",
     "RequestResponseCycle.run_asgi (http/httptools_impl.py)",
     "ProxyHeadersMiddleware.__call__ (middleware/proxy_headers.py)",
+    # a worker process of WORKERS > 1
+    "<module> (<string>)", "spawn_main (multiprocessing/spawn.py)", "_main (multiprocessing/spawn.py)",
+    "BaseProcess._bootstrap (multiprocessing/process.py)", "BaseProcess.run (multiprocessing/process.py)",
+    "subprocess_started (uvicorn/_subprocess.py)",
 }
 
 
@@ -675,7 +703,7 @@ def report(result: dict[str, Any]) -> str:
         f"Linux {m['kernel']}, Python {m['python']}, PostgreSQL {server} ({result['database']}), {m['wrk']}. "
         f"wrk: 1 thread, `--timeout 30s`, {result['warmup']:g} s warm-up then {result['duration']:g} s per row, "
         f"{result['rounds']} round(s); the three servers ran side by side and the rows were interleaved; each row "
-        "reports its best round. Latencies in ms.")
+        f"reports its best round. The service ran with its defaults (`WORKERS={result['workers']}`). Latencies in ms.")
     add("")
     add("### Headline: the service against the naive reference and the HTTP-stack ceiling")
     add("")
@@ -721,7 +749,8 @@ def report(result: dict[str, Any]) -> str:
     add("### Where the CPU went during each run")
     add("")
     add("CPU from /proc (100% = one core; the machine has "
-        f"{m['cores']}): the target's process, its main thread (the asyncio event loop), the PostgreSQL "
+        f"{m['cores']}): the target's processes (with its workers), their main threads (the asyncio event "
+        "loops), the PostgreSQL "
         "backends of its database, and the whole machine (wrk included). Batch and commit-group sizes "
         "from the service's /metrics.")
     add("")
@@ -913,7 +942,8 @@ async def main_async(args: argparse.Namespace) -> int:
         rebuild = await asyncio.to_thread(rebuild_speed, ours_db.owner_dsn)
         result = {
             "machine": info, "database": database_kind, "connections": connections, "warmup": args.warmup,
-            "duration": args.duration, "rounds": args.rounds, "model": model, "runs": bench.runs, "lag": lag_result,
+            "duration": args.duration, "rounds": args.rounds, "model": model,
+            "workers": os.environ.get("WORKERS", "1"), "runs": bench.runs, "lag": lag_result,
             "rebuild": rebuild, "durability": durable, "profile": profile_result,
         }
         result["runs"], result["all_runs"] = chosen, bench.runs
