@@ -606,7 +606,7 @@ _ROOT_FRAMES = {  # the chain every loop sample starts with: says nothing
     # a worker process of WORKERS > 1
     "<module> (<string>)", "spawn_main (multiprocessing/spawn.py)", "_main (multiprocessing/spawn.py)",
     "BaseProcess._bootstrap (multiprocessing/process.py)", "BaseProcess.run (multiprocessing/process.py)",
-    "subprocess_started (uvicorn/_subprocess.py)",
+    "subprocess_started (uvicorn/_subprocess.py)", "Process.target (supervisors/multiprocess.py)",
 }
 
 
