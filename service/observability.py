@@ -10,7 +10,7 @@ import uuid
 from typing import Any
 
 import msgspec
-from litestar.types import ASGIApp, Message, Receive, Scope, Send
+from litestar.types import Message, Receive, Scope, Send
 
 from service.metrics import Metrics
 

@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated
 from uuid import UUID
 
 import msgspec
 from litestar import Request, Response, get, post
 from litestar.datastructures import State
-from litestar.openapi.spec import OpenAPIMediaType, OpenAPIResponse, Operation, RequestBody, Schema
-from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import HeaderParameter, PathParameter, QueryParameter
 from litestar.response import Stream
 
@@ -22,7 +18,8 @@ from domain.preprocessing import sniff_format
 from domain.uploads import UploadRejected, check_idempotency_key
 from projections import queries
 from service.predictions import Recorded
-from service.problems import PROBLEM_MEDIA_TYPE, Problem
+from service.openapi import ProblemOperation, UploadOperation, problem_spec
+from service.problems import Problem
 from service.responses import (
     ErrorOut,
     EventOut,
@@ -41,96 +38,10 @@ from service.security import require_scope
 from service.uploads import ClientGone, parse_upload, read_body
 
 MAX_BIGINT = 2**63 - 1
-_IMAGE_TYPES = ["image/png", "image/jpeg", "image/gif", "image/bmp", "image/tiff", "image/webp"]
 _FORMAT_MEDIA_TYPES = {
     "PNG": "image/png", "JPEG": "image/jpeg", "GIF": "image/gif", "BMP": "image/bmp",
     "TIFF": "image/tiff", "WEBP": "image/webp",
 }
-
-
-def _problem_spec(description: str) -> ResponseSpec:
-    return ResponseSpec(data_container=dict[str, Any], description=description, media_type=PROBLEM_MEDIA_TYPE)
-
-
-_PROBLEM_SCHEMA = Schema(
-    type="object",  # type: ignore[arg-type]
-    description="RFC 9457 problem details (extra members such as prediction_id or receipt may follow)",
-    properties={
-        "type": Schema(type="string"),  # type: ignore[arg-type]
-        "title": Schema(type="string"),  # type: ignore[arg-type]
-        "status": Schema(type="integer"),  # type: ignore[arg-type]
-        "detail": Schema(type="string"),  # type: ignore[arg-type]
-        "instance": Schema(type="string"),  # type: ignore[arg-type]
-        "request_id": Schema(type="string"),  # type: ignore[arg-type]
-    },
-    required=["type", "title", "status", "detail"],
-)
-
-
-@dataclass
-class ProblemOperation(Operation):
-    """Every error answer is documented as application/problem+json (Litestar's generated 400
-    would say application/json)."""
-
-    def __post_init__(self) -> None:
-        for status, response in (self.responses or {}).items():
-            if isinstance(response, OpenAPIResponse) and status[:1] in ("4", "5"):
-                response.content = {PROBLEM_MEDIA_TYPE: OpenAPIMediaType(schema=_PROBLEM_SCHEMA)}
-
-
-_CREATED_EXAMPLE = {
-    "filename": "7000_8.png",
-    "contenttype": "image/png",
-    "prediction": [1.2e-09, 3.4e-08, 2.1e-06, 4.5e-05, 1.1e-09, 2.2e-07, 6.0e-10, 1.8e-06, 0.99994, 8.7e-06],
-    "likely_class": 8,
-    "input_id": "0b6f3c1e-5d2a-4f4b-9a53-7f7f2b0f9e11",
-    "prediction_id": "5a4f6f38-2d8e-4c5b-8f0e-3c2b1a09d7e4",
-    "blob_sha256": "3f1c…e9",
-    "model": {"name": "mnist_convnet", "version": "1.0.0", "sha256": "8a587a84…c0df", "device": "/device:CPU:0"},
-    "receipt": {
-        "log_id": "c2b4b7a0-1f1e-4a8e-9d43-2f6d0b5e7a10",
-        "stream_id": "5a4f6f38-2d8e-4c5b-8f0e-3c2b1a09d7e4",
-        "events": [
-            {"position": 41, "stream_version": 1, "type": "PredictionRequested", "hash": "9e0d…41"},
-            {"position": 42, "stream_version": 2, "type": "PredictionMade", "hash": "77ab…0c"},
-        ],
-        "head": {"position": 57, "hash": "1c2d…aa"},
-    },
-    "created_at": "2026-11-26T11:47:11.123456Z",
-}
-_PROBLEM_EXAMPLE = {
-    "type": "urn:problem:unsupported_format",
-    "title": "Unsupported media type",
-    "status": 415,
-    "detail": "the upload is not an image in an allowed format (PNG, JPEG, GIF, BMP, TIFF, WEBP)",
-    "instance": "/prediction",
-    "request_id": "4be1a8f0c3a54b0f8f6d2d9f5e1b7c2a",
-}
-
-
-@dataclass
-class UploadOperation(ProblemOperation):
-    """The upload body is read by hand (multipart or raw image); this documents both forms."""
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        for status, response in (self.responses or {}).items():
-            if not isinstance(response, OpenAPIResponse):
-                continue
-            for media in (response.content or {}).values():
-                media.example = _CREATED_EXAMPLE if status == "201" else (_PROBLEM_EXAMPLE if status == "415" else None)
-        binary = Schema(type="string", format="binary")  # type: ignore[arg-type]
-        self.request_body = RequestBody(
-            required=True,
-            description="An image as the multipart field `file`, or the image itself as the body "
-            "(name it with `?filename=` or a percent-encoded `X-Filename` header).",
-            content={
-                "multipart/form-data": OpenAPIMediaType(
-                    schema=Schema(type="object", properties={"file": binary}, required=["file"])  # type: ignore[arg-type]
-                ),
-                **{media: OpenAPIMediaType(schema=binary) for media in [*_IMAGE_TYPES, "application/octet-stream"]},
-            },
-        )
 
 
 # ---- predictions ---------------------------------------------------------------------------
@@ -145,12 +56,12 @@ class UploadOperation(ProblemOperation):
     guards=[require_scope("predict")],
     response_description="The prediction, its ids and the receipt of its events",
     responses={
-        408: _problem_spec("The body did not arrive within the deadline"),
-        413: _problem_spec("The upload exceeds the size limit"),
-        415: _problem_spec("Not an allowed image format"),
-        422: _problem_spec("Undecodable image, decompression bomb, bad filename or reused Idempotency-Key"),
-        500: _problem_spec("Inference failed: recorded as PredictionFailed, with prediction_id and receipt"),
-        503: _problem_spec("Overloaded or database unavailable; retry after Retry-After"),
+        408: problem_spec("The body did not arrive within the deadline"),
+        413: problem_spec("The upload exceeds the size limit"),
+        415: problem_spec("Not an allowed image format"),
+        422: problem_spec("Undecodable image, decompression bomb, bad filename or reused Idempotency-Key"),
+        500: problem_spec("Inference failed: recorded as PredictionFailed, with prediction_id and receipt"),
+        503: problem_spec("Overloaded or database unavailable; retry after Retry-After"),
     },
 )
 async def create_prediction(
@@ -242,7 +153,7 @@ async def list_predictions(
     summary="One prediction, with its input's metadata and the original image as a data URI",
     tags=["predictions"],
     guards=[require_scope("read")],
-    responses={404: _problem_spec("No such prediction")},
+    responses={404: problem_spec("No such prediction")},
 )
 async def get_prediction(state: State, prediction_id: Annotated[UUID, PathParameter()]) -> PredictionOut:
     runtime = state.runtime
@@ -268,7 +179,7 @@ async def get_prediction(state: State, prediction_id: Annotated[UUID, PathParame
     tags=["predictions"],
     guards=[require_scope("read")],
     media_type="application/octet-stream",
-    responses={404: _problem_spec("No such input"), 410: _problem_spec("The input was erased")},
+    responses={404: problem_spec("No such input"), 410: problem_spec("The input was erased")},
 )
 async def get_input(state: State, input_id: Annotated[UUID, PathParameter()]) -> Response[bytes]:
     runtime = state.runtime
@@ -305,7 +216,7 @@ async def get_input(state: State, input_id: Annotated[UUID, PathParameter()]) ->
     summary="A prediction's events in stream order, exactly as hashed",
     tags=["audit"],
     guards=[require_scope("audit")],
-    responses={404: _problem_spec("No such prediction")},
+    responses={404: problem_spec("No such prediction")},
 )
 async def prediction_events(state: State, prediction_id: Annotated[UUID, PathParameter()]) -> list[EventOut]:
     events = await state.runtime.store.read_stream(prediction_id)
