@@ -51,6 +51,8 @@ def worker_server_settings(name: str) -> dict[str, str]:
         "idle_in_transaction_session_timeout": "30000",
         # A rebuild's swap holds the checkpoint row briefly; wait for it, but not forever.
         "lock_timeout": "30000",
+        # Never keep a generic plan chosen while the read tables were empty (see append_settings).
+        "plan_cache_mode": "force_custom_plan",
     }
 
 

@@ -19,6 +19,7 @@ from service.config import Settings
 from service.observability import Observed
 from service.problems import EXCEPTION_HANDLERS, problem_response
 from service.routes import ROUTES
+from service.security import require_route_scope
 
 
 @get("/health/live", summary="Liveness: the process is up", tags=["health"])
@@ -88,6 +89,9 @@ def create_app(settings: Settings, app_dsn: str, *, run_projections: bool = True
         state=State({"runtime": runtime}),
         exception_handlers={**EXCEPTION_HANDLERS, DatabaseUnavailable: _database_unavailable},  # type: ignore[dict-item]
         request_max_body_size=settings.max_upload_bytes,
+        # Without keys there is nothing to check: no guard at all (Litestar copies the handler
+        # on every guard call).
+        guards=[require_route_scope] if runtime.api_keys else [],
         multipart_form_part_limit=16,
         logging_config=None,  # logging is configured once, as JSON lines (service/observability.py)
         openapi_config=OpenAPIConfig(

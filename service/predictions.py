@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -47,6 +48,12 @@ class Recorded(msgspec.Struct, frozen=True):
     head_position: int
     head_hash: bytes
     replayed: bool = False
+
+
+def _two_random_uuids() -> tuple[uuid.UUID, uuid.UUID]:
+    """Random (version 4) ids for the prediction and its input, from one system call."""
+    random = os.urandom(32)
+    return uuid.UUID(bytes=random[:16], version=4), uuid.UUID(bytes=random[16:], version=4)
 
 
 def _decode_and_digest(content: bytes, spec: PreprocessSpec) -> tuple[Preprocessed, bytes]:
@@ -119,9 +126,9 @@ class PredictionService:
             )
         inferred = time.perf_counter()
 
-        stream_id = uuid.uuid4()
+        stream_id, input_id = _two_random_uuids()
         events = prediction_events(
-            input_id=str(uuid.uuid4()),
+            input_id=str(input_id),
             blob_sha256=digest.hex(),
             upload=upload,
             preprocessed=preprocessed,

@@ -34,7 +34,6 @@ from service.responses import (
     event_out,
     receipt,
 )
-from service.security import require_scope
 from service.uploads import ClientGone, parse_upload, read_body
 
 MAX_BIGINT = 2**63 - 1
@@ -53,7 +52,7 @@ _FORMAT_MEDIA_TYPES = {
     tags=["predictions"],
     status_code=201,
     operation_class=UploadOperation,
-    guards=[require_scope("predict")],
+    opt={"scope": "predict"},
     response_description="The prediction, its ids and the receipt of its events",
     responses={
         408: problem_spec("The body did not arrive within the deadline"),
@@ -114,7 +113,7 @@ async def create_prediction(
     operation_class=ProblemOperation,
     summary="List predictions, newest first",
     tags=["predictions"],
-    guards=[require_scope("read")],
+    opt={"scope": "read"},
 )
 async def list_predictions(
     state: State,
@@ -152,7 +151,7 @@ async def list_predictions(
     operation_class=ProblemOperation,
     summary="One prediction, with its input's metadata and the original image as a data URI",
     tags=["predictions"],
-    guards=[require_scope("read")],
+    opt={"scope": "read"},
     responses={404: problem_spec("No such prediction")},
 )
 async def get_prediction(state: State, prediction_id: Annotated[UUID, PathParameter()]) -> PredictionOut:
@@ -177,7 +176,7 @@ async def get_prediction(state: State, prediction_id: Annotated[UUID, PathParame
     operation_class=ProblemOperation,
     summary="The original uploaded bytes",
     tags=["predictions"],
-    guards=[require_scope("read")],
+    opt={"scope": "read"},
     media_type="application/octet-stream",
     responses={404: problem_spec("No such input"), 410: problem_spec("The input was erased")},
 )
@@ -215,7 +214,7 @@ async def get_input(state: State, input_id: Annotated[UUID, PathParameter()]) ->
     operation_class=ProblemOperation,
     summary="A prediction's events in stream order, exactly as hashed",
     tags=["audit"],
-    guards=[require_scope("audit")],
+    opt={"scope": "audit"},
     responses={404: problem_spec("No such prediction")},
 )
 async def prediction_events(state: State, prediction_id: Annotated[UUID, PathParameter()]) -> list[EventOut]:
@@ -230,7 +229,7 @@ async def prediction_events(state: State, prediction_id: Annotated[UUID, PathPar
     operation_class=ProblemOperation,
     summary="Events in global order, as NDJSON, with their hashes (auditor replay)",
     tags=["audit"],
-    guards=[require_scope("audit")],
+    opt={"scope": "audit"},
     media_type="application/x-ndjson",
     response_description="One EventOut JSON object per line",
 )
@@ -259,7 +258,7 @@ async def events(
 # ---- model, metrics ------------------------------------------------------------------------
 
 
-@get("/model", summary="The model being served", tags=["model"], guards=[require_scope("read")],
+@get("/model", summary="The model being served", tags=["model"], opt={"scope": "read"},
      operation_class=ProblemOperation)
 async def model(state: State) -> ModelDescription:
     runtime = state.runtime
@@ -282,7 +281,7 @@ async def model(state: State) -> ModelDescription:
     operation_class=ProblemOperation,
     summary="Prometheus metrics",
     tags=["health"],
-    guards=[require_scope("read")],
+    opt={"scope": "read"},
     media_type="text/plain; version=0.0.4; charset=utf-8",
 )
 async def metrics(state: State) -> bytes:

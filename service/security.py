@@ -46,22 +46,21 @@ def _scopes_of(presented: str, keys: dict[bytes, frozenset[str]]) -> frozenset[s
     return found
 
 
-def require_scope(scope: str):
-    # async, though it awaits nothing: Litestar runs a sync guard in a worker thread.
-    async def guard(connection: ASGIConnection, _: BaseRouteHandler) -> None:
-        keys: dict[bytes, frozenset[str]] = connection.app.state.runtime.api_keys
-        if not keys:
-            return
-        presented = _presented_key(connection)
-        if not presented:
-            raise Problem(
-                401, "missing_api_key", "this route needs an API key (Authorization: Bearer KEY or X-API-Key)",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
-        scopes = _scopes_of(presented, keys)
-        if scopes is None:
-            raise Problem(401, "invalid_api_key", "the API key is not valid", headers={"WWW-Authenticate": "Bearer"})
-        if scope not in scopes:
-            raise Problem(403, "missing_scope", f"the API key lacks the {scope!r} scope")
-
-    return guard
+async def require_route_scope(connection: ASGIConnection, route_handler: BaseRouteHandler) -> None:
+    """The app-level guard, installed only when API keys are configured: a route declares the
+    scope it needs in `opt["scope"]`; routes without one (health, schema) need no key."""
+    scope = route_handler.opt.get("scope")
+    if scope is None:
+        return
+    keys: dict[bytes, frozenset[str]] = connection.app.state.runtime.api_keys
+    presented = _presented_key(connection)
+    if not presented:
+        raise Problem(
+            401, "missing_api_key", "this route needs an API key (Authorization: Bearer KEY or X-API-Key)",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    scopes = _scopes_of(presented, keys)
+    if scopes is None:
+        raise Problem(401, "invalid_api_key", "the API key is not valid", headers={"WWW-Authenticate": "Bearer"})
+    if scope not in scopes:
+        raise Problem(403, "missing_scope", f"the API key lacks the {scope!r} scope")
