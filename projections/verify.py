@@ -34,9 +34,10 @@ SCRATCH_SCHEMA = "pg_temp"
 _SNAPSHOT_ID = re.compile(r"[0-9A-Fa-f-]+")
 
 # (table, key column, order column): compared in this order; the first difference is reported.
+# In the order the API's readers and the rebuild's swap lock them (see rebuild.READ_MODEL_TABLES).
 COMPARED_TABLES = (
-    ("inputs", "input_id", "position"),
     ("predictions", "prediction_id", "position"),
+    ("inputs", "input_id", "position"),
     ("projection_errors", "position", "position"),
 )
 

@@ -34,6 +34,7 @@ from tests.projection_support import (
     caught_up,
     digest_of,
     erasure,
+    eventually,
     failed_request,
     model_registration,
 )
@@ -389,5 +390,30 @@ async def test_the_swap_waits_briefly_and_retries_while_a_long_reader_holds_the_
         report = await asyncio.wait_for(rebuilding, 10)
         assert report.swap_attempts >= 2
         assert (await verify(database.owner_dsn)).ok
+    finally:
+        await reader.close()
+
+
+async def test_the_swap_takes_the_read_tables_in_the_readers_order(database, app_pool, owner):
+    """A reader that holds `predictions` (the first table of its join) and then needs `inputs`
+    must not deadlock with a swap waiting for `predictions`."""
+    await projected(database, app_pool, owner, *(prediction_request(label=str(i)) for i in range(5)))
+    reader = await asyncpg.connect(database.app_dsn)
+    try:
+        async with reader.transaction():
+            await reader.fetchval("SELECT count(*) FROM public.predictions")  # holds AccessShare
+            swap = asyncio.create_task(rebuild(database.owner_dsn, lock_timeout_s=5.0))
+
+            async def swap_is_waiting() -> bool:
+                return bool(await owner.fetchval(
+                    "SELECT count(*) FROM pg_locks WHERE NOT granted AND locktype = 'relation'"
+                    " AND relation = 'public.predictions'::regclass"
+                ))
+
+            await eventually(swap_is_waiting, timeout_s=10)
+            # With the swap holding `inputs` already, this would be a deadlock (one side killed).
+            assert await reader.fetchval("SELECT count(*) FROM public.inputs") == 5
+        report = await asyncio.wait_for(swap, 20)
+        assert report.events >= 10
     finally:
         await reader.close()
