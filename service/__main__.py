@@ -6,6 +6,7 @@ import asyncio
 import ipaddress
 import logging
 import os
+import signal
 
 import uvicorn
 
@@ -24,6 +25,10 @@ def _is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
+def _exit_after_drain(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main() -> None:
     settings = Settings.from_env()
     configure_logging(settings.log_level)
@@ -38,6 +43,9 @@ def main() -> None:
     # by this process and stops with it).
     os.environ["DATABASE_URL"] = target.owner_dsn
     os.environ["APP_DATABASE_URL"] = target.app_dsn
+    # uvicorn drains on SIGTERM, then re-raises it under the handler that was installed before it
+    # started: exit through SystemExit, so atexit runs and stops the embedded PostgreSQL too.
+    signal.signal(signal.SIGTERM, _exit_after_drain)
     uvicorn.run(
         "service.app:create_app_from_env",
         factory=True,

@@ -69,10 +69,10 @@ class LiveService:
         return self.process.wait(timeout_s)
 
     def stop_gracefully(self) -> bool:
-        """SIGTERM, then: did it drain and shut down cleanly? (uvicorn re-raises the signal it
-        caught once shutdown is complete, so the exit status is -SIGTERM, not 0.)"""
+        """SIGTERM, then: did it drain and shut down cleanly? (uvicorn re-raises the signal once
+        shutdown is complete; the service then exits with 128 + SIGTERM, as a shell reports it.)"""
         code = self.stop()
-        return code in (0, -signal.SIGTERM) and "Application shutdown complete" in self.log()
+        return code in (0, 128 + signal.SIGTERM) and "Application shutdown complete" in self.log()
 
     def stop(self) -> int | None:
         if self.process is None or self.process.poll() is not None:
