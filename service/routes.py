@@ -134,8 +134,7 @@ async def list_predictions(
     async with runtime.reading() as connection:
         # Read-your-writes for the list: answer once the projection has reached the head as it
         # was when this request started (bounded wait).
-        head = await _head_position(connection)
-        await queries.wait_for_checkpoint(connection, head, runtime.settings.read_your_writes_timeout_s)
+        await _wait_for_projection(connection, runtime.settings.read_your_writes_timeout_s)
         views, next_cursor = await queries.list_predictions(
             connection, limit=limit, before_position=before, likely_class=likely_class,
             model_version=model_version, since=since, until=until,
@@ -185,8 +184,7 @@ async def get_input(state: State, input_id: Annotated[UUID, PathParameter()]) ->
     async with runtime.reading() as connection:
         found = await queries.get_input(connection, input_id)
         if found is None:  # perhaps not projected yet: wait (bounded) for the head as of now
-            head = await _head_position(connection)
-            await queries.wait_for_checkpoint(connection, head, runtime.settings.read_your_writes_timeout_s)
+            await _wait_for_projection(connection, runtime.settings.read_your_writes_timeout_s)
             found = await queries.get_input(connection, input_id)
     if found is None:
         raise Problem(404, "input_not_found", f"no input {input_id}")
@@ -296,8 +294,10 @@ async def metrics(state: State) -> bytes:
 # ---- shaping -------------------------------------------------------------------------------
 
 
-async def _head_position(connection) -> int:
-    return await connection.fetchval("SELECT coalesce(max(position), 0) FROM events")
+async def _wait_for_projection(connection, timeout_s: float) -> None:
+    """Read-your-writes: wait (bounded) until the projection has applied the head as it is now."""
+    head = await connection.fetchval("SELECT coalesce(max(position), 0) FROM events")
+    await queries.wait_for_checkpoint(connection, head, timeout_s)
 
 
 def _media_type(content: bytes) -> str:
