@@ -133,14 +133,47 @@ def tensor_digest(array: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(array, dtype="<f4").tobytes()).hexdigest()
 
 
+class OpenedImage:
+    """An upload whose header parsed and whose size passed the checks; nothing decoded yet.
+
+    Opening is cheap (the header only) and tells what decoding will cost, so a caller can decide
+    where to decode (on its own thread for a small image, elsewhere for a large one).
+    """
+
+    __slots__ = ("image", "width", "height")
+
+    def __init__(self, image: Image.Image, width: int, height: int) -> None:
+        self.image, self.width, self.height = image, width, height
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
+
+
 def preprocess(data: bytes, spec: PreprocessSpec) -> Preprocessed:
     """Decode, normalise and resize `data` for a model described by `spec`.
 
     Raises ImageRejected (415 or 422) for anything that is not an acceptable image.
     """
+    return decode_opened(open_image(data, spec), spec)
+
+
+def open_image(data: bytes, spec: PreprocessSpec) -> OpenedImage:
+    """Steps 1 and 2: identify the format and check the declared size. Raises ImageRejected."""
     image = _open(data, spec)
+    try:
+        width, height = _check_size(image, spec)
+    except BaseException:
+        image.close()
+        raise
+    return OpenedImage(image, width, height)
+
+
+def decode_opened(opened: OpenedImage, spec: PreprocessSpec) -> Preprocessed:
+    """Steps 3 to 9 on an image from `open_image`, which this closes. Raises ImageRejected."""
+    image = opened.image
     with image:
-        info = _check_size(image, spec)
+        info = _describe(image, opened.width, opened.height)
         try:
             image.seek(0)
             ImageOps.exif_transpose(image, in_place=True)
@@ -193,7 +226,7 @@ def sniff_format(data: bytes, formats: tuple[str, ...] | None = None) -> str | N
     return None
 
 
-def _check_size(image: Image.Image, spec: PreprocessSpec) -> ImageInfo:
+def _check_size(image: Image.Image, spec: PreprocessSpec) -> tuple[int, int]:
     width, height = image.size
     if width < 1 or height < 1:
         raise ImageRejected(422, "empty_image", f"the image has no pixels ({width}x{height})")
@@ -204,7 +237,12 @@ def _check_size(image: Image.Image, spec: PreprocessSpec) -> ImageInfo:
             f"the image is {width}x{height} = {width * height} pixels; "
             f"the limit is {spec.max_pixels}",
         )
+    return width, height
+
+
+def _describe(image: Image.Image, width: int, height: int) -> ImageInfo:
     try:
+        # Counting frames may parse the whole file (GIF, TIFF): part of decoding, not of opening.
         frames = int(getattr(image, "n_frames", 1))
     except Exception as exc:  # noqa: BLE001 - counting frames parses the whole file
         raise ImageRejected(422, "undecodable_image", f"the image could not be parsed: {exc}") from exc

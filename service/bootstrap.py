@@ -128,7 +128,8 @@ class Runtime:
         assert self.store is not None and self.committer is not None
         self.predictions = PredictionService(
             model=model.info, spec=spec, batcher=batcher, committer=self.committer, store=self.store,
-            decoder=self._decoder,
+            decoder=self._decoder, inline_decode_max_pixels=s.inline_decode_max_pixels,
+            on_decode=self.metrics.observe_decode,
         )
         self.model_info = model.info
         # TensorFlow leaves a large heap of long-lived objects that every full collection would

@@ -34,6 +34,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     model_path: Path
     max_upload_bytes: int
     body_read_timeout_s: float
+    inline_decode_max_pixels: int  # images up to this size decode on the event loop, larger ones in threads
     max_batch: int
     max_queue: int
     batch_max_wait_ms: float
@@ -66,6 +67,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             model_path=Path(_env("MODEL_PATH", str(PROJECT_ROOT / "saved_model" / "mnist_convnet.keras"))),
             max_upload_bytes=_int("MAX_UPLOAD_BYTES", 10 * 1024 * 1024),
             body_read_timeout_s=_float("BODY_READ_TIMEOUT_S", 30.0),
+            inline_decode_max_pixels=_int("INLINE_DECODE_MAX_PIXELS", 128 * 128),
             max_batch=_int("MAX_BATCH", 64),
             max_queue=_int("MAX_QUEUE", 1024),
             batch_max_wait_ms=_float("BATCH_MAX_WAIT_MS", 0.0),

@@ -39,6 +39,11 @@ class Metrics:
         self.predictions = Counter(
             "predictions", "Predictions recorded", ["outcome"], registry=r
         )
+        decodes = Counter(
+            "image_decodes", "Uploads decoded, by where: inline (on the event loop) or thread", ["where"],
+            registry=r,
+        )
+        self._decodes = {True: decodes.labels("inline"), False: decodes.labels("thread")}
         self.projection_lag_events = Gauge(
             "projection_lag_events", "Events appended but not yet projected", registry=r
         )
@@ -53,6 +58,9 @@ class Metrics:
 
     def observe_wait(self, wait_s: float) -> None:
         self.queue_wait.observe(wait_s)
+
+    def observe_decode(self, inline: bool) -> None:
+        self._decodes[inline].inc()
 
     # the group committer's hook
     def observe_commit(self, size: int, seconds: float) -> None:

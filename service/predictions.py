@@ -13,6 +13,7 @@ import os
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -32,7 +33,7 @@ from db.store import (
 from domain.events import ModelRegistered, ModelRef
 from domain.model_port import ModelInfo
 from domain.predictions import InferenceResult, prediction_events
-from domain.preprocessing import ImageRejected, Preprocessed, PreprocessSpec, preprocess
+from domain.preprocessing import ImageRejected, OpenedImage, Preprocessed, PreprocessSpec, decode_opened, open_image
 from domain.streams import model_stream_id
 from domain.uploads import Upload, UploadRejected, check_upload, request_fingerprint
 from service.batcher import InferenceError, MicroBatcher, QueueFull
@@ -56,8 +57,8 @@ def _two_random_uuids() -> tuple[uuid.UUID, uuid.UUID]:
     return uuid.UUID(bytes=random[:16], version=4), uuid.UUID(bytes=random[16:], version=4)
 
 
-def _decode_and_digest(content: bytes, spec: PreprocessSpec) -> tuple[Preprocessed, bytes]:
-    return preprocess(content, spec), hashlib.sha256(content).digest()
+def _decode_and_digest(opened: OpenedImage, content: bytes, spec: PreprocessSpec) -> tuple[Preprocessed, bytes]:
+    return decode_opened(opened, spec), hashlib.sha256(content).digest()
 
 
 class PredictionService:
@@ -70,6 +71,8 @@ class PredictionService:
         committer: GroupCommitter,
         store: EventStore,
         decoder: ThreadPoolExecutor,
+        inline_decode_max_pixels: int = 0,
+        on_decode: Callable[[bool], None] | None = None,
         retry_after_s: int = 1,
     ) -> None:
         self.model = model
@@ -78,6 +81,8 @@ class PredictionService:
         self._committer = committer
         self._store = store
         self._decoder = decoder
+        self._inline_decode_max_pixels = inline_decode_max_pixels
+        self._on_decode = on_decode
         self._retry_after = {"Retry-After": str(retry_after_s)}
 
     async def predict(self, upload: Upload, *, idempotency_key: str | None, metadata: dict[str, Any]) -> Recorded:
@@ -92,12 +97,8 @@ class PredictionService:
             if earlier is not None:
                 return earlier
 
-        loop = asyncio.get_running_loop()
         try:
-            # Pillow off the event loop: decoding on it was a quarter of the loop's time.
-            preprocessed, digest = await loop.run_in_executor(
-                self._decoder, _decode_and_digest, upload.content, self.spec
-            )
+            preprocessed, digest = await self._decode(upload.content)
         except ImageRejected as rejected:
             raise Problem(rejected.status, rejected.code, rejected.message) from None
         decoded = time.perf_counter()
@@ -153,6 +154,23 @@ class PredictionService:
             request_sha256=fingerprint,
         )
         return await self._record(request)
+
+    async def _decode(self, content: bytes) -> tuple[Preprocessed, bytes]:
+        """Small images on the event loop, large ones on the decoder threads.
+
+        Opening reads only the header, so the pixel count is known before anything is decoded.
+        A digit-sized PNG decodes in about 60 µs, less than the hand-off to a thread and back
+        costs under load (measured: decoding them in threads made that step take 10 ms at 64
+        connections, waiting for the GIL); a large one would stall every other request.
+        """
+        opened = open_image(content, self.spec)
+        inline = opened.pixels <= self._inline_decode_max_pixels
+        if self._on_decode is not None:
+            self._on_decode(inline)
+        if inline:
+            return _decode_and_digest(opened, content, self.spec)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._decoder, _decode_and_digest, opened, content, self.spec)
 
     async def _record(self, request: AppendRequest) -> Recorded:
         outcome = await self._committer.append(request)

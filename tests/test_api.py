@@ -391,3 +391,26 @@ def test_image_catalogue_gets_a_correct_2xx_or_a_clear_4xx(client, name):
         assert client.get(f"/input/{body['input_id']}").content == content  # byte for byte
     else:
         assert response.headers["content-type"].startswith(PROBLEM)
+
+
+def _decode_counts(client: httpx.Client) -> dict[str, float]:
+    counts = {}
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith("image_decodes_total{"):
+            where = line.split('where="')[1].split('"')[0]
+            counts[where] = float(line.rsplit(" ", 1)[1])
+    return counts
+
+
+def test_small_images_decode_on_the_loop_large_ones_in_threads_with_the_same_answer(client):
+    content, label, name = digit(5)
+    large = _image_bytes(Image.open(io.BytesIO(content)).resize((400, 400)), "PNG")  # > 128×128
+    before = _decode_counts(client)
+    small_answer = upload(client, content, filename=name)
+    middle = _decode_counts(client)
+    large_answer = upload(client, large, filename="large.png")
+    after = _decode_counts(client)
+    assert small_answer.status_code == large_answer.status_code == 201, (small_answer.text, large_answer.text)
+    assert middle["inline"] == before.get("inline", 0) + 1 and middle.get("thread", 0) == before.get("thread", 0)
+    assert after["thread"] == middle.get("thread", 0) + 1 and after["inline"] == middle["inline"]
+    assert small_answer.json()["likely_class"] == large_answer.json()["likely_class"] == label
