@@ -1,27 +1,28 @@
 """The asyncpg event store: group appends under one advisory lock, reads by position and stream.
 
-Ordering: every append transaction takes one transaction-scoped advisory lock before it reads the
-head and assigns positions, so positions are gap-free, commit in order and form a single hash
-chain. Conflicts (stream version, idempotency key) are checked under the lock before positions are
+Ordering: every append takes one transaction-scoped advisory lock before it reads the head and
+assigns positions, so positions are gap-free, commit in order and form a single hash chain.
+Conflicts (stream version, idempotency key) are checked under the lock before positions are
 assigned, so one request's conflict fails only that request; any other error in a group is retried
-with each request in a transaction of its own.
+with each request in a transaction of its own. All of that runs in PostgreSQL, in the
+`append_events` function, so a group costs one round trip; the hashes it writes follow
+domain/chain.py, which verifiers run.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
 import asyncpg
 import msgspec
 
-from domain.chain import GENESIS_HASH, ChainedRecord, link, to_microseconds
+from domain.chain import GENESIS_HASH, ChainedRecord, to_microseconds
 from domain.events import SCHEMA_VERSIONS, Event, decode_event, encode_event, encode_metadata, event_type
 
-APPEND_LOCK_KEY = 0x61756474  # "audt"
+APPEND_LOCK_KEY = 0x61756474  # "audt"; append_events (db/migrations) takes the same lock
 NOTIFY_CHANNEL = "audit_events"
 
 # Errors that mean "the database is not there", as opposed to "this request was wrong".
@@ -125,53 +126,10 @@ _EVENT_COLUMNS = "position, stream_id, stream_version, event_type, schema_versio
 
 _HEAD_SQL = "SELECT position, hash FROM events ORDER BY position DESC LIMIT 1"
 
-# Runs after the lock is held (a statement's snapshot is taken when it starts, so the head must not
-# be read in the statement that waits for the lock).
-_CHECKS_SQL = """
-SELECT clock_timestamp() AS now,
-       h.position AS head_position, h.hash AS head_hash,
-       (SELECT json_object_agg(stream_id, version) FROM (
-            SELECT stream_id, max(stream_version) AS version FROM events
-            WHERE stream_id = ANY($1::uuid[]) GROUP BY stream_id) AS s) AS versions,
-       (SELECT json_object_agg(key, json_build_array(encode(request_sha256, 'hex'), stream_id))
-          FROM idempotency_keys WHERE key = ANY($2::text[])) AS keys
-FROM (SELECT 1) AS one LEFT JOIN (SELECT position, hash FROM events ORDER BY position DESC LIMIT 1) AS h ON true
-"""
-# BEGIN and the lock in one round trip (simple protocol; the key is our own constant).
-_BEGIN_AND_LOCK_SQL = f"BEGIN; SELECT pg_advisory_xact_lock({APPEND_LOCK_KEY})"
-
-_INSERT_SQL = f"""
-WITH new_blobs AS (
-    INSERT INTO blobs (sha256, content, size_bytes)
-    SELECT digest, content, octet_length(content) FROM unnest($10::bytea[], $11::bytea[]) AS b(digest, content)
-    ON CONFLICT (sha256) DO NOTHING
-), new_events AS (
-    INSERT INTO events ({_EVENT_COLUMNS})
-    SELECT p, s, v, t, sv, d, m, $8::timestamptz, h
-    FROM unnest($1::bigint[], $2::uuid[], $3::int[], $4::text[], $5::int[], $6::json[], $7::json[], $9::bytea[])
-        AS e(p, s, v, t, sv, d, m, h)
-), new_keys AS (
-    INSERT INTO idempotency_keys (key, request_sha256, stream_id, position)
-    SELECT * FROM unnest($12::text[], $13::bytea[], $14::uuid[], $15::bigint[])
-)
-SELECT pg_notify('{NOTIFY_CHANNEL}', $16::text)
-"""
-
-
-@asynccontextmanager
-async def _transaction(connection: asyncpg.Connection) -> AsyncIterator[None]:
-    """BEGIN + the append lock in one round trip; COMMIT on success, ROLLBACK otherwise."""
-    await connection.execute(_BEGIN_AND_LOCK_SQL)
-    try:
-        yield
-    except BaseException:
-        if not connection.is_closed():
-            try:
-                await connection.execute("ROLLBACK")
-            except CONNECTION_ERRORS:
-                pass
-        raise
-    await connection.execute("COMMIT")
+# The whole group append: lock, clock, checks, positions, hashes, inserts and NOTIFY, in one
+# statement (db/migrations/20261126150000_append_function.sql), so in autocommit it is one round
+# trip, COMMIT included.
+_APPEND_SQL = "SELECT * FROM append_events($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
 
 
 def stored_event(row: asyncpg.Record) -> StoredEvent:
@@ -215,122 +173,87 @@ class EventStore:
 
     async def _append_in_one_transaction(self, requests: Sequence[AppendRequest]) -> list[AppendOutcome]:
         outcomes: list[AppendOutcome | None] = [None] * len(requests)
-        # Encode before taking the lock: less work under it, and a value that cannot be encoded
-        # fails its own request only.
-        encoded: list[tuple[list[tuple[str, int, str]], str] | None] = []
+        # Encode before the round trip: a value that cannot be encoded fails its own request only.
+        sent: list[tuple[int, list[tuple[str, int, str]], str]] = []
         for index, request in enumerate(requests):
             try:
                 events = [(event_type(e), SCHEMA_VERSIONS[event_type(e)], encode_event(e)) for e in request.events]
-                encoded.append((events, encode_metadata(request.metadata)))
+                sent.append((index, events, encode_metadata(request.metadata)))
             except (TypeError, ValueError, KeyError, msgspec.EncodeError) as error:
                 outcomes[index] = AppendRejected(f"the events cannot be encoded: {error}")
-                encoded.append(None)
+        if not sent:
+            return outcomes  # type: ignore[return-value]
 
-        async with self.pool.acquire() as connection, _transaction(connection):
-            checks = await connection.fetchrow(
-                _CHECKS_SQL,
-                list({request.stream_id for request in requests}),
-                [r.idempotency_key for r in requests if r.idempotency_key is not None],
-            )
-            versions = {uuid.UUID(k): v for k, v in msgspec.json.decode(checks["versions"] or "{}").items()}
-            keys: dict[str, tuple[str, uuid.UUID]] = {
-                key: (digest, uuid.UUID(stream))
-                for key, (digest, stream) in msgspec.json.decode(checks["keys"] or "{}").items()
-            }
-            recorded_at: datetime = checks["now"]  # clock_timestamp() under the lock
-            recorded_at_us = to_microseconds(recorded_at)
+        stream_ids, expected, keys, fingerprints, metadata, counts = [], [], [], [], [], []
+        types, schema_versions, data = [], [], []
+        blob_requests, blob_digests, blob_contents = [], [], []
+        for number, (index, events, encoded_metadata) in enumerate(sent, start=1):
+            request = requests[index]
+            stream_ids.append(request.stream_id)
+            expected.append(request.expected_version)
+            keys.append(request.idempotency_key)
+            fingerprints.append(request.request_sha256)
+            metadata.append(encoded_metadata)
+            counts.append(len(events))
+            for name, schema_version, encoded in events:
+                types.append(name)
+                schema_versions.append(schema_version)
+                data.append(encoded)
+            for digest, content in request.blobs.items():
+                blob_requests.append(number)
+                blob_digests.append(digest)
+                blob_contents.append(content)
+        arguments = (stream_ids, expected, keys, fingerprints, metadata, counts, types, schema_versions, data,
+                     blob_requests, blob_digests, blob_contents)
+        erasures = [digest for index, _, _ in sent for digest in requests[index].erase_blobs]
 
-            position = checks["head_position"] or 0
-            previous_hash = bytes(checks["head_hash"]) if checks["head_hash"] is not None else GENESIS_HASH
-            rows: list[StoredEvent] = []
-            blobs: dict[bytes, bytes] = {}
-            erasures: list[bytes] = []
-            new_keys: list[tuple[str, bytes, uuid.UUID, int]] = []
-            accepted: list[tuple[int, list[StoredEvent]]] = []
+        async with self.pool.acquire() as connection:
+            if not erasures:
+                rows = await connection.fetch(_APPEND_SQL, *arguments)
+            else:
+                async with connection.transaction():
+                    rows = await connection.fetch(_APPEND_SQL, *arguments)
+                    for digest in erasures:
+                        # The blob table's DELETE trigger lets through exactly the blob named here.
+                        await connection.execute("SELECT set_config('audit.erasing_blob', $1, true)", digest.hex())
+                        await connection.execute("DELETE FROM blobs WHERE sha256 = $1", digest)
 
-            for index, (request, encoding) in enumerate(zip(requests, encoded)):
-                if encoding is None:
-                    continue
-                key = request.idempotency_key
-                if key is not None and key in keys:
-                    # Committed earlier, or accepted earlier in this very group (outcomes are only
-                    # returned once the group has committed, so both are the first answer).
-                    digest, stream = keys[key]
-                    if request.request_sha256 is not None and digest != request.request_sha256.hex():
-                        outcomes[index] = IdempotencyKeyReused(key)
-                    else:
-                        outcomes[index] = Replayed(stream)
-                    continue
-                version = versions.get(request.stream_id, 0)
-                if version != request.expected_version:
-                    outcomes[index] = VersionConflict(request.stream_id, request.expected_version, version)
-                    continue
-                event_rows, metadata = encoding
-                stored: list[StoredEvent] = []
-                for name, schema_version, data in event_rows:
-                    position += 1
-                    version += 1
-                    record = ChainedRecord(
+        # Committed: only now may anyone be told.
+        committed: list[tuple[int, list[StoredEvent]]] = []
+        for row, (index, events, encoded_metadata) in zip(rows, sent, strict=True):
+            request = requests[index]
+            outcome = row["outcome"]
+            if outcome == "committed":
+                first_version = row["stream_version"] - len(events)
+                stored = [
+                    StoredEvent(
                         position=position,
-                        stream_id=str(request.stream_id),
-                        stream_version=version,
+                        stream_id=request.stream_id,
+                        stream_version=first_version + offset,
                         event_type=name,
                         schema_version=schema_version,
-                        recorded_at_us=recorded_at_us,
-                        data=data,
-                        metadata=metadata,
+                        data=encoded,
+                        metadata=encoded_metadata,
+                        recorded_at=row["recorded_at"],
+                        hash=bytes(hash_),
                     )
-                    previous_hash = link(previous_hash, record)
-                    stored.append(
-                        StoredEvent(
-                            position=position,
-                            stream_id=request.stream_id,
-                            stream_version=version,
-                            event_type=name,
-                            schema_version=schema_version,
-                            data=data,
-                            metadata=metadata,
-                            recorded_at=recorded_at,
-                            hash=previous_hash,
-                        )
+                    for offset, ((name, schema_version, encoded), position, hash_) in enumerate(
+                        zip(events, row["positions"], row["hashes"], strict=True), start=1
                     )
-                versions[request.stream_id] = version
-                rows.extend(stored)
-                blobs.update(request.blobs)
-                erasures.extend(request.erase_blobs)
-                if key is not None:
-                    request_sha256 = request.request_sha256 or b""
-                    keys[key] = (request_sha256.hex(), request.stream_id)
-                    new_keys.append((key, request_sha256, request.stream_id, stored[0].position))
-                accepted.append((index, stored))
-
-            if rows:
-                await connection.fetchval(
-                    _INSERT_SQL,
-                    [e.position for e in rows],
-                    [e.stream_id for e in rows],
-                    [e.stream_version for e in rows],
-                    [e.event_type for e in rows],
-                    [e.schema_version for e in rows],
-                    [e.data for e in rows],
-                    [e.metadata for e in rows],
-                    recorded_at,
-                    [e.hash for e in rows],
-                    list(blobs.keys()),
-                    list(blobs.values()),
-                    [k[0] for k in new_keys],
-                    [k[1] for k in new_keys],
-                    [k[2] for k in new_keys],
-                    [k[3] for k in new_keys],
-                    str(position),
-                )
-            for digest in erasures:
-                # The blob table's DELETE trigger lets through exactly the blob named here.
-                await connection.execute("SELECT set_config('audit.erasing_blob', $1, true)", digest.hex())
-                await connection.execute("DELETE FROM blobs WHERE sha256 = $1", digest)
-        # Committed: only now may anyone be told.
-        for index, stored in accepted:
-            outcomes[index] = Committed(requests[index].stream_id, stored, position, previous_hash)
+                ]
+                committed.append((index, stored))
+            elif outcome == "replayed":
+                outcomes[index] = Replayed(row["stream_id"])
+            elif outcome == "key_reused":
+                outcomes[index] = IdempotencyKeyReused(request.idempotency_key or "")
+            else:
+                outcomes[index] = VersionConflict(request.stream_id, request.expected_version, row["stream_version"])
+        head = next((stored[-1] for _, stored in reversed(committed) if stored), None)
+        for index, stored in committed:
+            outcomes[index] = Committed(
+                requests[index].stream_id, stored,
+                head.position if head else 0, head.hash if head else GENESIS_HASH,
+            )
         return outcomes  # type: ignore[return-value]
 
     # ---- reads (a connection failure surfaces as DatabaseUnavailable) -------------------

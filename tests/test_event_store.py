@@ -9,6 +9,7 @@ import asyncpg
 import pytest
 
 from db.store import (
+    APPEND_LOCK_KEY,
     NOTIFY_CHANNEL,
     AppendRejected,
     Committed,
@@ -17,7 +18,7 @@ from db.store import (
     Replayed,
     VersionConflict,
 )
-from domain.chain import GENESIS_HASH, find_break
+from domain.chain import GENESIS_HASH, find_break, link
 from domain.events import PredictionMade, PredictionRequested
 from tests.factories import prediction_request
 
@@ -242,3 +243,44 @@ async def test_log_identity_is_fixed_once_the_log_has_events(app_pool, owner):
 
 async def test_empty_log_head_is_genesis(app_pool):
     assert await EventStore(app_pool).head() == (0, GENESIS_HASH)
+
+
+HOSTILE_TEXTS = [
+    "ünïcödé", "日本語のファイル", "🎉 emoji", "e\u0301 combining", "\u2028\u2029 separators",
+    'quote " and back\\slash', "\x01 control", "\x00 NUL (escaped in JSON)", "tab\tand\nnewline", "'; DROP TABLE events; --",
+]
+
+
+async def test_hashes_written_by_postgres_are_domain_chains_for_any_text(app_pool):
+    # append_events computes the hashes in SQL; verifiers recompute them with domain/chain.py.
+    store = EventStore(app_pool)
+    outcomes = await store.append([prediction_request(label=text) for text in HOSTILE_TEXTS])
+    assert all(isinstance(o, Committed) for o in outcomes)
+    stored = await store.read_all(0, 1000)
+    previous = GENESIS_HASH
+    for event in stored:
+        previous = link(previous, event.chained())
+        assert event.hash == previous, event.position
+    answered = [event for outcome in outcomes for event in outcome.events]
+    assert answered == stored  # what the service tells its client is exactly what was stored
+    assert outcomes[-1].head_position == len(stored) and outcomes[-1].head_hash == previous
+    assert {e.decode().filename for e in stored if e.event_type == "PredictionRequested"} == {
+        f"digit{text}.png" for text in HOSTILE_TEXTS
+    }
+
+
+async def test_appends_wait_for_the_append_lock_other_writers_take(app_pool, database):
+    # Anything that writes the log by hand (tests, tools) orders itself with APPEND_LOCK_KEY.
+    holder = await asyncpg.connect(database.app_dsn)
+    try:
+        transaction = holder.transaction()
+        await transaction.start()
+        await holder.execute("SELECT pg_advisory_xact_lock($1)", APPEND_LOCK_KEY)
+        append = asyncio.create_task(EventStore(app_pool).append([prediction_request()]))
+        await asyncio.sleep(0.5)
+        assert not append.done()
+        await transaction.rollback()
+        (outcome,) = await asyncio.wait_for(append, 10)
+        assert isinstance(outcome, Committed)
+    finally:
+        await holder.close()
