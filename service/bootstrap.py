@@ -35,6 +35,7 @@ from service.security import parse_api_keys
 log = logging.getLogger(__name__)
 
 WARM_UP_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+GC_GEN0_THRESHOLD = 10_000
 
 
 class Runtime:
@@ -137,6 +138,11 @@ class Runtime:
         # after warm-up so the collector only looks at what requests allocate.
         gc.collect()
         gc.freeze()
+        # Requests in flight hold a few thousand young objects that refcounting frees later, so
+        # with the default gen-0 threshold (700) the collector ran every ~20 requests at 64
+        # connections and walked live objects for nothing: 3% of the process's time (measured
+        # 612 ms of collections in ~25 s). Cycles are rare on the request path: collect later.
+        gc.set_threshold(GC_GEN0_THRESHOLD, *gc.get_threshold()[1:])
         await self._retry(lambda: register_model(self.store, model.info, model.artifact), "register the model")
         self.model_registered = True
 
