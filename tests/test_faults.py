@@ -7,6 +7,7 @@ Marked `fault`: .ci/run runs them in its DATABASE_URL pass.
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import time
 import uuid
@@ -15,7 +16,7 @@ import asyncpg
 import httpx
 import pytest
 
-from tests.live import LiveService, digit_files
+from tests.live import LiveService, digit_files, projection_workers, wait_until
 from tests.proxy import TcpProxy
 
 pytestmark = [pytest.mark.fault, pytest.mark.timeout(240)]
@@ -80,11 +81,14 @@ async def check_log_integrity(owner_dsn: str, acknowledged: list[str]) -> None:
 
 async def test_kill_9_under_load_loses_no_acknowledged_prediction(database, tmp_path):
     service = LiveService(database.owner_dsn, tmp_path / "first.log").start()
+    (worker,) = projection_workers(service.process.pid)
     task = asyncio.create_task(load(service.url, 600, 32))
     # let a couple of hundred events through, then kill the process mid-stream
     await _wait_for_events(database.owner_dsn, 200)
     service.signal(signal.SIGKILL)
     assert service.wait(10) == -signal.SIGKILL
+    # Its projection worker notices and stops by itself: no orphan keeps the projection lock.
+    wait_until(lambda: not _alive(worker), 10, f"the orphaned projection worker {worker} did not stop")
     results = await task
     acknowledged = [r.json()["prediction_id"] for r in results if isinstance(r, httpx.Response) and r.status_code == 201]
     assert 50 <= len(acknowledged) < 600
@@ -122,6 +126,35 @@ async def test_sigterm_drains_every_accepted_request(database, tmp_path):
         await connection.close()
     assert committed == len(answered) and len(answered) >= 40
     await check_log_integrity(database.owner_dsn, [r.json()["prediction_id"] for r in answered])
+    # The projection worker (a child process) applied everything committed before it stopped.
+    assert not projection_workers(service.process.pid)
+    connection = await asyncpg.connect(database.owner_dsn)
+    try:
+        head = await connection.fetchval("SELECT max(position) FROM events")
+        checkpoint = await connection.fetchval("SELECT position FROM projection_checkpoints")
+    finally:
+        await connection.close()
+    assert checkpoint == head
+
+
+async def test_a_projection_worker_that_dies_is_restarted(database, tmp_path):
+    service = LiveService(database.owner_dsn, tmp_path / "service.log").start()
+    try:
+        (first,) = projection_workers(service.process.pid)
+        os.kill(first, signal.SIGKILL)
+        (second,) = wait_until(lambda: [p for p in projection_workers(service.process.pid) if p != first], 20,
+                               "no new projection worker")
+        async with httpx.AsyncClient(base_url=service.url, timeout=30) as http:
+            created = await upload(http, 3)
+            assert created.status_code == 201, created.text
+            # The list waits for the projection (read-your-writes): the new worker applied it.
+            listed = await http.get("/predictions/")
+            assert listed.status_code == 200, listed.text
+            assert created.json()["prediction_id"] in [item["prediction_id"] for item in listed.json()["items"]]
+        assert projection_workers(service.process.pid) == [second]
+    finally:
+        assert service.stop_gracefully(), service.log()
+    assert not projection_workers(service.process.pid)
 
 
 async def test_database_outage_fast_503s_then_recovery_without_restart(database, tmp_path):
@@ -187,6 +220,14 @@ async def test_huge_multipart_parts_are_bounded_and_harm_nobody(database, tmp_pa
         assert growth_mib < 300, f"RSS grew by {growth_mib:.0f} MiB"
     finally:
         assert service.stop_gracefully(), service.log()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(")")[-1].split()[0] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False
 
 
 def _rss_kib(pid: int) -> int:
