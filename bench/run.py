@@ -154,11 +154,23 @@ def process_tree(pid: int) -> list[int]:
     return found
 
 
+def http_processes(pid: int) -> list[int]:
+    """The tree without the projection worker that `python -m service` starts as its child."""
+    def is_projection_worker(candidate: int) -> bool:
+        try:
+            with open(f"/proc/{candidate}/cmdline", "rb") as handle:
+                argv = handle.read().split(b"\0")
+        except OSError:
+            return False
+        return b"projections" in argv and b"run" in argv
+    return [p for p in process_tree(pid) if not is_projection_worker(p)]
+
+
 def process_ticks(pid: int) -> tuple[int, int]:
-    """(whole process tree, main threads) CPU ticks: a main thread runs an asyncio event loop."""
-    tree = process_tree(pid)
-    return (sum(_ticks(f"/proc/{p}/stat") for p in tree),
-            sum(_ticks(f"/proc/{p}/task/{p}/stat") for p in tree))
+    """(whole process tree, main threads of the HTTP processes) CPU ticks: each of those main
+    threads runs an asyncio event loop serving requests."""
+    return (sum(_ticks(f"/proc/{p}/stat") for p in process_tree(pid)),
+            sum(_ticks(f"/proc/{p}/task/{p}/stat") for p in http_processes(pid)))
 
 
 def machine_ticks() -> tuple[int, int]:
@@ -284,7 +296,7 @@ class Bench:
         warm = await wrk(target.url, connections, self.args.warmup, mode, self.manifest, scratch)
         settle_s = await settle(self.server_pids or [target.pid])
         # /metrics is per process: with several workers its deltas would mix processes.
-        single = len(process_tree(target.pid)) == 1
+        single = len(http_processes(target.pid)) == 1
         metrics_before = scrape(target.url) if target.name == "ours" and single else {}
         pids = await backend_pids(self.admin, target.database) if target.database else []
         pg_before = {pid: _ticks(f"/proc/{pid}/stat") for pid in pids}
@@ -749,8 +761,9 @@ def report(result: dict[str, Any]) -> str:
     add("### Where the CPU went during each run")
     add("")
     add("CPU from /proc (100% = one core; the machine has "
-        f"{m['cores']}): the target's processes (with its workers), their main threads (the asyncio event "
-        "loops), the PostgreSQL "
+        f"{m['cores']}): the target's processes (with its uvicorn workers and, for the service, its "
+        "projection worker process), the main threads of the HTTP processes (the asyncio event loops), "
+        "the PostgreSQL "
         "backends of its database, and the whole machine (wrk included). Batch and commit-group sizes "
         "from the service's /metrics.")
     add("")
