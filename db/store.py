@@ -176,6 +176,9 @@ class EventStore:
         # Encode before the round trip: a value that cannot be encoded fails its own request only.
         sent: list[tuple[int, list[tuple[str, int, str]], str]] = []
         for index, request in enumerate(requests):
+            if not request.events:
+                outcomes[index] = AppendRejected("an append needs at least one event")
+                continue
             try:
                 events = [(event_type(e), SCHEMA_VERSIONS[event_type(e)], encode_event(e)) for e in request.events]
                 sent.append((index, events, encode_metadata(request.metadata)))
@@ -248,12 +251,10 @@ class EventStore:
                 outcomes[index] = IdempotencyKeyReused(request.idempotency_key or "")
             else:
                 outcomes[index] = VersionConflict(request.stream_id, request.expected_version, row["stream_version"])
-        head = next((stored[-1] for _, stored in reversed(committed) if stored), None)
-        for index, stored in committed:
-            outcomes[index] = Committed(
-                requests[index].stream_id, stored,
-                head.position if head else 0, head.hash if head else GENESIS_HASH,
-            )
+        if committed:
+            head = committed[-1][1][-1]  # every committed request has events: the group's last one
+            for index, stored in committed:
+                outcomes[index] = Committed(requests[index].stream_id, stored, head.position, head.hash)
         return outcomes  # type: ignore[return-value]
 
     # ---- reads (a connection failure surfaces as DatabaseUnavailable) -------------------

@@ -6,6 +6,7 @@ import asyncio
 import uuid
 
 import asyncpg
+import msgspec
 import pytest
 
 from db.store import (
@@ -284,3 +285,12 @@ async def test_appends_wait_for_the_append_lock_other_writers_take(app_pool, dat
         assert isinstance(outcome, Committed)
     finally:
         await holder.close()
+
+
+async def test_an_append_without_events_is_refused_alone(app_pool):
+    store = EventStore(app_pool)
+    empty = msgspec.structs.replace(prediction_request(), events=[])
+    outcomes = await store.append([prediction_request(label="a"), empty, prediction_request(label="b")])
+    assert isinstance(outcomes[0], Committed) and isinstance(outcomes[2], Committed)
+    assert isinstance(outcomes[1], AppendRejected)
+    assert outcomes[2].head_position == 4 and await store.head() == (4, outcomes[2].head_hash)
