@@ -19,12 +19,12 @@ setup:
     @command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install --quiet --user uv
     @{{uv}} sync --frozen --quiet
 
-# serve on HOST:PORT (default 127.0.0.1:8000); embedded PostgreSQL unless DATABASE_URL is set
+# serve on HOST:PORT (default 127.0.0.1:8000), with the projection worker as a child process; embedded PostgreSQL unless DATABASE_URL is set
 [group('run')]
 serve: setup
     {{run}} python -m service
 
-# run the projection worker as its own process (one active per projection; others stand by)
+# run a projection worker on its own (one active per projection, others stand by; pair with PROJECTIONS=off on the service)
 [group('run')]
 project: setup
     {{run}} python -m projections run
