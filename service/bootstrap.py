@@ -141,7 +141,7 @@ class Runtime:
         # Requests in flight hold a few thousand young objects that refcounting frees later, so
         # with the default gen-0 threshold (700) the collector ran every ~20 requests at 64
         # connections and walked live objects for nothing: 3% of the process's time (measured
-        # 612 ms of collections in ~25 s). Cycles are rare on the request path: collect later.
+        # 755 ms of gen-0 and gen-1 collections in ~25 s). Cycles are rare on the request path: collect later.
         gc.set_threshold(GC_GEN0_THRESHOLD, *gc.get_threshold()[1:])
         await self._retry(lambda: register_model(self.store, model.info, model.artifact), "register the model")
         self.model_registered = True

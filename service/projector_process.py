@@ -33,12 +33,6 @@ class ProjectorProcess:
         self._lock = threading.Lock()
         self._process: subprocess.Popen[bytes] | None = None
         self._thread: threading.Thread | None = None
-        self.restarts = 0
-
-    @property
-    def pid(self) -> int | None:
-        process = self._process
-        return process.pid if process is not None and process.poll() is None else None
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._supervise, name="projector-process", daemon=True)
@@ -83,6 +77,5 @@ class ProjectorProcess:
             failures = 0 if time.monotonic() - started >= HEALTHY_AFTER_S else failures + 1
             delay = RESTART_DELAYS_S[min(failures, len(RESTART_DELAYS_S) - 1)]
             log.warning("the projection worker exited with %s; restarting in %.1f s", code, delay)
-            self.restarts += 1
             if self._stopping.wait(delay):
                 return
