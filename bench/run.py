@@ -16,7 +16,7 @@ PostgreSQL in a temporary folder), prints and writes to BENCHMARKS.md (between i
    same uploads without inference or storage (bench/http_ceiling_app.py).
 4. Projection lag per event during the highest-load run (the checkpoint is sampled every 10 ms;
    an event's lag is the first sample whose checkpoint covers it minus its `recorded_at`, both
-   on the database's clock), and `python -m projections rebuild` on the database the run produced.
+   on the database's clock), and `python -m cli rebuild` on the database the run produced.
 5. Durability: every prediction_id wrk got a 201 for is a `PredictionMade` in the event table.
 
 The three servers run side by side and the loads are interleaved (ours, reference, ceiling at
@@ -155,14 +155,14 @@ def process_tree(pid: int) -> list[int]:
 
 
 def http_processes(pid: int) -> list[int]:
-    """The tree without the projection worker that `python -m service` starts as its child."""
+    """The tree without the projection worker that `python -m cli serve` starts as its child."""
     def is_projection_worker(candidate: int) -> bool:
         try:
             with open(f"/proc/{candidate}/cmdline", "rb") as handle:
                 argv = handle.read().split(b"\0")
         except OSError:
             return False
-        return b"projections" in argv and b"run" in argv
+        return b"cli" in argv and b"project" in argv
     return [p for p in process_tree(pid) if not is_projection_worker(p)]
 
 
@@ -522,7 +522,7 @@ def rebuild_speed(owner_dsn: str) -> dict[str, Any]:
     env = {**os.environ, "DATABASE_URL": owner_dsn, "PYTHONPATH": str(REPO), "LOG_LEVEL": "WARNING"}
     env.pop("APP_DATABASE_URL", None)
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "projections", "rebuild"], cwd=REPO, env=env,
+    done = subprocess.run([sys.executable, "-m", "cli", "rebuild"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
     wall = time.perf_counter() - started
     match = re.search(r"rebuilt (\d+) events .*? in ([\d.]+) s \(([\d,]+|inf) events/s\)", done.stdout)
@@ -809,11 +809,11 @@ def report(result: dict[str, Any]) -> str:
     add("### Rebuild")
     add("")
     if rebuild.get("events_per_s"):
-        add(f"`python -m projections rebuild` on the database this run produced: {rebuild['events']:,} events "
+        add(f"`python -m cli rebuild` on the database this run produced: {rebuild['events']:,} events "
             f"rebuilt in {rebuild['build_s']:.2f} s, **{rebuild['events_per_s']:,.0f} events/s** "
             f"({rebuild['wall_s']:.1f} s for the whole command, start-up included).")
     else:
-        add(f"`python -m projections rebuild` failed: {rebuild.get('error', rebuild.get('output'))!r}")
+        add(f"`python -m cli rebuild` failed: {rebuild.get('error', rebuild.get('output'))!r}")
     add("")
     d = result["durability"]
     add("### Durability check")

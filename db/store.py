@@ -20,7 +20,14 @@ import asyncpg
 import msgspec
 
 from domain.chain import GENESIS_HASH, ChainedRecord, to_microseconds
-from domain.events import SCHEMA_VERSIONS, Event, decode_event, encode_event, encode_metadata, event_type
+from domain.events import (
+    SCHEMA_VERSIONS,
+    Event,
+    decode_event,
+    encode_event,
+    encode_metadata,
+    event_type,
+)
 
 APPEND_LOCK_KEY = 0x61756474  # "audt"; append_events (db/migrations) takes the same lock
 NOTIFY_CHANNEL = "audit_events"

@@ -11,7 +11,9 @@ from datetime import datetime
 from typing import Protocol
 
 import msgspec
-from asyncpg.pgproto.pgproto import UUID as FastUUID  # the parser asyncpg itself uses for uuid
+from asyncpg.pgproto.pgproto import (
+    UUID as FastUUID,  # the parser asyncpg itself uses for uuid
+)
 
 from domain.events import (
     BlobErased,

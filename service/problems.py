@@ -1,4 +1,5 @@
-"""RFC 9457 problem details for every error the service answers."""
+"""RFC 9457 problem details for every error the service answers, and the one place where the
+errors of the layers below (domain rejections, use-case and store failures) get their status."""
 
 from __future__ import annotations
 
@@ -7,6 +8,15 @@ from typing import Any
 
 from litestar import Request, Response
 from litestar.exceptions import HTTPException
+
+from db.store import (
+    AppendError,
+    DatabaseUnavailable,
+    IdempotencyKeyReused,
+    VersionConflict,
+)
+from domain.rejections import Rejected, RejectionCode
+from usecases.errors import NotFound, NotReady, Overloaded
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +96,58 @@ def handle_unexpected(request: Request, error: Exception) -> Response[dict[str, 
     return problem_response(request, 500, "internal_error", "The service failed to handle this request.")
 
 
+REJECTION_STATUS: dict[RejectionCode, int] = {
+    "empty_upload": 422,
+    "invalid_filename": 422,
+    "invalid_content_type": 422,
+    "invalid_idempotency_key": 400,
+    "unsupported_format": 415,
+    "undecodable_image": 422,
+    "image_too_large": 422,
+    "empty_image": 422,
+    "unsupported_mode": 422,
+}
+RETRY_AFTER = {"Retry-After": "1"}
+
+
+def handle_rejected(request: Request, error: Rejected) -> Response[dict[str, Any]]:
+    return problem_response(request, REJECTION_STATUS[error.code], error.code, error.message)
+
+
+def handle_not_ready(request: Request, error: NotReady) -> Response[dict[str, Any]]:
+    return problem_response(request, 503, "warming_up", str(error), RETRY_AFTER)
+
+
+def handle_overloaded(request: Request, error: Overloaded) -> Response[dict[str, Any]]:
+    return problem_response(request, 503, "overloaded", str(error), RETRY_AFTER)
+
+
+def handle_database_unavailable(request: Request, error: DatabaseUnavailable) -> Response[dict[str, Any]]:
+    return problem_response(request, 503, "database_unavailable", str(error), RETRY_AFTER)
+
+
+def handle_not_found(request: Request, error: NotFound) -> Response[dict[str, Any]]:
+    return problem_response(request, 404, error.code, str(error))
+
+
+def handle_append_error(request: Request, error: AppendError) -> Response[dict[str, Any]]:
+    if isinstance(error, IdempotencyKeyReused):
+        return problem_response(
+            request, 422, "idempotency_key_reused", "this Idempotency-Key was already used for a different upload"
+        )
+    if isinstance(error, VersionConflict):  # a fresh uuid4 stream: only a bug gets here
+        return problem_response(request, 409, "stream_conflict", str(error))
+    return problem_response(request, 422, "not_storable", str(error))
+
+
 EXCEPTION_HANDLERS = {
     Problem: handle_problem,
+    Rejected: handle_rejected,
+    NotReady: handle_not_ready,
+    Overloaded: handle_overloaded,
+    NotFound: handle_not_found,
+    DatabaseUnavailable: handle_database_unavailable,
+    AppendError: handle_append_error,
     HTTPException: handle_http_exception,
     Exception: handle_unexpected,
 }

@@ -11,8 +11,8 @@ import asyncio
 from urllib.parse import unquote
 
 from litestar import Request
-from multipart import MultipartSegment, ParserError, PushMultipartParser  # type: ignore[import-untyped]
 from litestar._multipart import parse_content_header
+from multipart import MultipartSegment, ParserError, PushMultipartParser  # type: ignore[import-untyped]
 
 from domain.uploads import Upload
 from service.problems import Problem

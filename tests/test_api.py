@@ -1,4 +1,4 @@
-"""The HTTP API over real HTTP, against a real `python -m service` and a real PostgreSQL."""
+"""The HTTP API over real HTTP, against a real `python -m cli serve` and a real PostgreSQL."""
 
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ import msgspec
 from litestar.testing import TestClient
 
 from service.app import create_app
-from service.config import Settings
+from infra.settings import Settings
 
 
 def settings(**changes) -> Settings:

@@ -267,7 +267,7 @@ async def test_verify_detects_an_added_json_key(database, app_pool, owner):
 
 def _cli(database, *args: str) -> subprocess.CompletedProcess:
     environment = {**os.environ, "DATABASE_URL": database.owner_dsn, "PYTHONPATH": str(PROJECT_ROOT)}
-    return subprocess.run([sys.executable, "-m", "projections", *args], cwd=PROJECT_ROOT, env=environment,
+    return subprocess.run([sys.executable, "-m", "cli", *args], cwd=PROJECT_ROOT, env=environment,
                           capture_output=True, timeout=30)
 
 

@@ -181,7 +181,8 @@ def _spawn_worker(database, **env) -> subprocess.Popen:
         "PYTHONPATH": str(PROJECT_ROOT),
         **env,
     }
-    return subprocess.Popen([sys.executable, "-m", "projections", "run", "--batch-size", "7"], cwd=PROJECT_ROOT,
+    environment.setdefault("PROJECTION_BATCH_SIZE", "7")
+    return subprocess.Popen([sys.executable, "-m", "cli", "project"], cwd=PROJECT_ROOT,
                             env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 

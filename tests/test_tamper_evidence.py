@@ -19,7 +19,7 @@ from projections.checkpoints import (
     sign,
     write,
 )
-from service.erase import ErasureRefused, erase
+from usecases.erase import ErasureRefused, erase
 from tests.factories import prediction_request
 
 

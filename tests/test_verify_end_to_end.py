@@ -1,4 +1,4 @@
-"""Tamper evidence end to end: a real service, `just verify` (python -m projections verify) as an
+"""Tamper evidence end to end: a real service, `just verify` (python -m cli verify) as an
 operator runs it, and edits made behind the service's back by a superuser."""
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ pytestmark = pytest.mark.timeout(240)
 def run_verify(owner_dsn: str, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "DATABASE_URL": owner_dsn, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
     return subprocess.run(
-        [sys.executable, "-m", "projections", "verify", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+        [sys.executable, "-m", "cli", "verify", *args], cwd=ROOT, env=env, capture_output=True, text=True,
         timeout=120,
     )
 
@@ -156,7 +156,7 @@ async def test_erasure_is_reported_as_erased_not_tampered(service, database):
     erased = answers[1]
     env = {**os.environ, "DATABASE_URL": database.owner_dsn, "PYTHONPATH": str(ROOT)}
     done = subprocess.run(
-        [sys.executable, "-m", "service.erase", erased["blob_sha256"], "--reason", "right to erasure"],
+        [sys.executable, "-m", "cli", "erase", erased["blob_sha256"], "--reason", "right to erasure"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
     )
     assert done.returncode == 0, done.stderr

@@ -1,4 +1,9 @@
-"""Where the database is: DATABASE_URL's server, or the embedded one; migrated before use."""
+"""Where the database is, for every process: DATABASE_URL's server, or the embedded one started on
+demand; migrated before use; and the service's connection pools.
+
+`start_or_locate_database` starts the embedded PostgreSQL when `DATABASE_URL` is unset (the
+server then lives as long as this process); `provision_database` also applies the migrations.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,7 @@ from db import embedded
 from db.dsn import APP_ROLE, with_database, with_user
 from db.migrate import migrate
 from db.store import append_settings
-from service.config import Settings
+from infra.settings import Settings
 
 EMBEDDED_DATABASE = "prediction_audit"
 
@@ -22,7 +27,8 @@ class DatabaseTarget:
         self._server_handle = server_handle  # keeps the embedded server alive with this process
 
 
-def resolve(settings: Settings) -> DatabaseTarget:
+def start_or_locate_database(settings: Settings) -> DatabaseTarget:
+    """DATABASE_URL's server when set; otherwise start (or attach to) the embedded server."""
     if settings.database_url:
         owner = settings.database_url
         handle = None
@@ -33,8 +39,9 @@ def resolve(settings: Settings) -> DatabaseTarget:
     return DatabaseTarget(owner, app, handle)
 
 
-async def prepare(settings: Settings) -> DatabaseTarget:
-    target = resolve(settings)
+async def provision_database(settings: Settings) -> DatabaseTarget:
+    """`start_or_locate_database`, then apply the migrations (under an advisory lock)."""
+    target = start_or_locate_database(settings)
     await migrate(target.owner_dsn)
     return target
 

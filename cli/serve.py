@@ -1,7 +1,9 @@
-"""`python -m service`: find or start the database, migrate it, then serve with uvicorn."""
+"""`just serve`: find or start the database, migrate it, then serve with uvicorn; with
+`PROJECTIONS=process` the projection worker runs as a supervised child process."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import ipaddress
 import logging
@@ -10,11 +12,11 @@ import signal
 
 import uvicorn
 
+from cli.supervisor import ProjectorProcess
 from db.dsn import redacted
-from service.config import Settings
-from service.database import prepare
-from service.observability import configure_logging
-from service.projector_process import ProjectorProcess
+from infra.database import provision_database
+from infra.logs import configure_json_logging
+from infra.settings import Settings, SettingsError
 
 log = logging.getLogger("service")
 
@@ -30,15 +32,28 @@ def _exit_after_drain(signum: int, _frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
-def main() -> None:
-    settings = Settings.from_env()
-    configure_logging(settings.log_level)
-    if not settings.api_keys and not _is_loopback(settings.host) and os.environ.get("ALLOW_UNAUTHENTICATED") != "1":
+def check_exposure(settings: Settings) -> None:
+    """Refuse to listen beyond loopback without API keys, unless told something in front
+    authenticates."""
+    if not settings.api_keys and not _is_loopback(settings.host) and not settings.allow_unauthenticated:
         raise SystemExit(
             f"refusing to listen on {settings.host} without API keys: set API_KEYS, "
             "or ALLOW_UNAUTHENTICATED=1 if something in front of the service authenticates"
         )
-    target = asyncio.run(prepare(settings))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argparse.ArgumentParser(
+        prog="just serve",
+        description="Serve the API on HOST:PORT; every setting comes from the environment (README, Settings).",
+    ).parse_args(argv)
+    try:
+        settings = Settings.from_env()
+    except SettingsError as error:
+        raise SystemExit(f"refusing to start: {error}") from None
+    configure_json_logging(settings.log_level)
+    check_exposure(settings)
+    target = asyncio.run(provision_database(settings))
     log.info("database %s migrated; the service connects as %s", redacted(target.owner_dsn), redacted(target.app_dsn))
     # Worker processes read their database from the environment (the embedded server stays owned
     # by this process and stops with it).
@@ -57,6 +72,7 @@ def main() -> None:
         # then may atexit stop an embedded PostgreSQL.
         if projector is not None:
             projector.stop()
+    return 0
 
 
 def _serve(settings: Settings) -> None:
@@ -73,7 +89,3 @@ def _serve(settings: Settings) -> None:
         access_log=False,  # the app logs failed requests itself, with their request id
         timeout_graceful_shutdown=30,
     )
-
-
-if __name__ == "__main__":
-    main()

@@ -1,9 +1,9 @@
-"""The projection worker as a child process of `python -m service` (`PROJECTIONS=process`).
+"""The projection worker as a child process of `just serve` (`PROJECTIONS=process`).
 
-Under load the worker's decoding and row building took about 8% of the service process's GIL
-time; in a process of its own it runs on the other core instead (measured: c=64 +11-18% req/s,
-p99 -20%). It is the same `python -m projections run` that `just project` starts, so the advisory
-lock still elects exactly one active worker among all of them.
+In a process of its own the worker's decoding and row building run on the other core instead of
+taking the service's event loop (BENCHMARKS.md has the figures). It is the same `python -m cli
+project` that `just project` starts, so the advisory lock still elects exactly one active worker
+among all of them.
 
 The child is restarted when it dies, stopped (SIGTERM: it drains its batch) when the service
 stops, and stops by itself when the service is gone without stopping it (SIGKILL): it watches its
@@ -65,7 +65,7 @@ class ProjectorProcess:
                 if self._stopping.is_set():
                     return
                 self._process = subprocess.Popen(
-                    [sys.executable, "-m", "projections", "run", "--exit-with-parent", str(os.getpid())],
+                    [sys.executable, "-m", "cli", "project", "--exit-with-parent", str(os.getpid())],
                     # Its own session: a Ctrl-C meant for the service must not stop the worker
                     # before the service has drained (the service stops it afterwards).
                     start_new_session=True,

@@ -1,5 +1,8 @@
 """The prediction use case: upload → preprocess → micro-batcher → group commit.
 
+It raises domain and store errors (`Rejected`, `Overloaded`, `DatabaseUnavailable`,
+`IdempotencyKeyReused`, …); the HTTP edge turns them into problem details.
+
 A 2xx is only answered for events that have committed; everything before the commit is undone by
 simply not appending (nothing is written before the one transaction).
 """
@@ -12,32 +15,33 @@ import logging
 import os
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import msgspec
 
 from db.group_commit import GroupCommitter
 from db.store import (
-    AppendError,
     AppendRequest,
     Committed,
-    DatabaseUnavailable,
     EventStore,
     IdempotencyKeyReused,
     Replayed,
     StoredEvent,
-    VersionConflict,
 )
-from domain.events import ModelRegistered, ModelRef
 from domain.model_port import ModelInfo
 from domain.predictions import InferenceResult, prediction_events
-from domain.preprocessing import ImageRejected, OpenedImage, Preprocessed, PreprocessSpec, decode_opened, open_image
-from domain.streams import model_stream_id
-from domain.uploads import Upload, UploadRejected, check_upload, request_fingerprint
-from service.batcher import InferenceError, MicroBatcher, QueueFull
-from service.problems import Problem
+from domain.preprocessing import (
+    OpenedImage,
+    Preprocessed,
+    PreprocessSpec,
+    decode_opened,
+    open_image,
+)
+from domain.uploads import Upload, check_upload, request_fingerprint
+from inference.batcher import InferenceError, MicroBatcher, QueueFull
+from usecases.errors import Overloaded
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +77,6 @@ class PredictionService:
         decoder: ThreadPoolExecutor,
         inline_decode_max_pixels: int = 0,
         on_decode: Callable[[bool], None] | None = None,
-        retry_after_s: int = 1,
     ) -> None:
         self.model = model
         self.spec = spec
@@ -83,24 +86,19 @@ class PredictionService:
         self._decoder = decoder
         self._inline_decode_max_pixels = inline_decode_max_pixels
         self._on_decode = on_decode
-        self._retry_after = {"Retry-After": str(retry_after_s)}
 
     async def predict(self, upload: Upload, *, idempotency_key: str | None, metadata: dict[str, Any]) -> Recorded:
+        """Raises `Rejected` for a bad upload, `Overloaded`, or the store's errors; an inference
+        failure is recorded (PredictionFailed) and returned like a success."""
         started = time.perf_counter()
-        try:
-            check_upload(upload)
-        except UploadRejected as rejected:
-            raise Problem(rejected.status, rejected.code, rejected.message) from None
+        check_upload(upload)
         fingerprint = request_fingerprint(upload) if idempotency_key else None
         if idempotency_key is not None:
             earlier = await self._earlier_answer(idempotency_key, fingerprint)
             if earlier is not None:
                 return earlier
 
-        try:
-            preprocessed, digest = await self._decode(upload.content)
-        except ImageRejected as rejected:
-            raise Problem(rejected.status, rejected.code, rejected.message) from None
+        preprocessed, digest = await self._decode(upload.content)
         decoded = time.perf_counter()
 
         try:
@@ -113,7 +111,7 @@ class PredictionService:
                 queue_wait_ms=outcome.queue_wait_ms,
             )
         except QueueFull as full:
-            raise Problem(503, "overloaded", f"the inference queue is full: {full}", headers=self._retry_after) from None
+            raise Overloaded(f"the inference queue is full: {full}") from None
         except InferenceError as error:
             log.warning("inference failed for one input: %s", error)
             result = InferenceResult(
@@ -178,64 +176,18 @@ class PredictionService:
             return Recorded(outcome.events, outcome.head_position, outcome.head_hash)
         if isinstance(outcome, Replayed):
             return await self._replay(outcome.stream_id)
-        raise self._problem(outcome)
+        raise outcome
 
     async def _earlier_answer(self, key: str, fingerprint: bytes | None) -> Recorded | None:
-        try:
-            found = await self._store.find_idempotency_key(key)
-        except DatabaseUnavailable as error:
-            raise self._problem(error) from None
+        found = await self._store.find_idempotency_key(key)
         if found is None:
             return None
         request_sha256, stream_id = found
         if fingerprint is not None and request_sha256 != fingerprint:
-            raise self._problem(IdempotencyKeyReused(key))
+            raise IdempotencyKeyReused(key)
         return await self._replay(stream_id)
 
     async def _replay(self, stream_id: uuid.UUID) -> Recorded:
-        try:
-            events = await self._store.read_stream(stream_id)
-            head_position, head_hash = await self._store.head()
-        except DatabaseUnavailable as error:
-            raise self._problem(error) from None
+        events = await self._store.read_stream(stream_id)
+        head_position, head_hash = await self._store.head()
         return Recorded(events, head_position, head_hash, replayed=True)
-
-    def _problem(self, outcome: BaseException) -> Problem:
-        if isinstance(outcome, DatabaseUnavailable):
-            return Problem(503, "database_unavailable", str(outcome), headers=self._retry_after)
-        if isinstance(outcome, IdempotencyKeyReused):
-            return Problem(
-                422, "idempotency_key_reused",
-                "this Idempotency-Key was already used for a different upload",
-            )
-        if isinstance(outcome, VersionConflict):  # a fresh uuid4 stream: only a bug gets here
-            return Problem(409, "stream_conflict", str(outcome))
-        if isinstance(outcome, AppendError):
-            return Problem(422, "not_storable", str(outcome))
-        return Problem(500, "append_failed", "the prediction could not be recorded")
-
-
-async def register_model(store: EventStore, info: ModelInfo, artifact: bytes) -> bool:
-    """Keep the served artifact by digest, with an event, so old predictions stay reproducible.
-
-    Idempotent: the model's stream id is derived from its digest, so a second registration is a
-    version conflict and appends nothing. Returns True when this call registered it.
-    """
-    digest = hashlib.sha256(artifact).digest()
-    if digest.hex() != info.sha256:
-        raise RuntimeError("the model file changed after it was loaded; restart to serve the new one")
-    event = ModelRegistered(
-        model=ModelRef(name=info.name, version=info.version, sha256=info.sha256),
-        size_bytes=len(artifact),
-        input_shape=list(info.input_shape),
-        output_kind=info.output_kind,
-        num_classes=info.num_classes,
-        runtime=dict(info.frameworks),
-    )
-    (outcome,) = await store.append(
-        [AppendRequest(stream_id=model_stream_id(info.sha256), expected_version=0, events=[event],
-                       metadata={"device": info.device}, blobs={digest: artifact})]
-    )
-    if isinstance(outcome, DatabaseUnavailable):
-        raise outcome
-    return isinstance(outcome, Committed)

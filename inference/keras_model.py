@@ -23,28 +23,13 @@ from domain.model_port import ModelInfo
 
 logger = logging.getLogger(__name__)
 
-# One intra-op and one inter-op thread measured fastest on the 2-core machines this runs on
-# (the event loop needs the other core); INFERENCE_THREADS overrides the intra-op count.
-DEFAULT_INFERENCE_THREADS = 1
 
-
-def inference_threads() -> int:
-    value = os.environ.get("INFERENCE_THREADS", "").strip()
-    if not value:
-        return DEFAULT_INFERENCE_THREADS
-    threads = int(value)
-    if threads < 1:
-        raise ValueError(f"INFERENCE_THREADS must be a positive integer, got {value!r}")
-    return threads
-
-
-def configure_tensorflow(threads: int | None = None) -> Any:
+def configure_tensorflow(threads: int = 1) -> Any:
     """Import TensorFlow with its thread pools sized; returns the `tensorflow` module.
 
     Thread counts only take effect before TensorFlow's runtime initialises, so this must run
     before anything else touches TensorFlow. When it is too late, it logs and carries on.
     """
-    threads = threads or inference_threads()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
 
@@ -123,12 +108,12 @@ class KerasModel:
             self.predict_batch(np.zeros((size, *self._input_shape), dtype=np.float32))
 
 
-def load_model(path: str | os.PathLike[str], *, max_batch: int = 64) -> KerasModel:
+def load_model(path: str | os.PathLike[str], *, max_batch: int = 64, threads: int = 1) -> KerasModel:
     """Load a `.keras` file; its digest is taken from the very bytes that get loaded."""
     path = Path(path)
     if max_batch < 1:
         raise ValueError("max_batch must be positive")
-    tf = configure_tensorflow()
+    tf = configure_tensorflow(threads)
     import keras
     import PIL
 

@@ -1,4 +1,4 @@
-"""`just reproduce ID`: re-run a past prediction from the log alone and compare.
+"""Reproduce: re-run a past prediction from the log alone and compare.
 
 The recorded model is loaded by digest from the blob table (every served artifact is kept there
 with a ModelRegistered event), the original bytes are preprocessed with the recorded parameters,
@@ -10,9 +10,6 @@ alone at batch size 1.
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import sys
 import tempfile
 import uuid
 from pathlib import Path
@@ -25,8 +22,7 @@ from db.store import EventStore
 from domain.events import PredictionFailed, PredictionMade, PredictionRequested
 from domain.model_port import likely_class
 from domain.preprocessing import PreprocessSpec, preprocess
-from service.config import Settings
-from service.database import resolve
+from usecases.errors import NotFound
 
 TOLERANCE = 1e-6
 
@@ -54,7 +50,7 @@ async def reproduce(owner_dsn: str, prediction_id: uuid.UUID) -> Report:
         store = EventStore(pool)
         events = [e.decode() for e in await store.read_stream(prediction_id)]
         if not events or not isinstance(events[0], PredictionRequested):
-            raise SystemExit(f"no prediction {prediction_id}")
+            raise NotFound("prediction_not_found", f"no prediction {prediction_id}")
         requested = events[0]
         outcome = events[1] if len(events) > 1 else None
         original = await store.read_blob(bytes.fromhex(requested.blob_sha256))
@@ -84,7 +80,7 @@ async def reproduce(owner_dsn: str, prediction_id: uuid.UUID) -> Report:
         )
         return report
 
-    from service.model import load_model
+    from inference.keras_model import load_model
 
     with tempfile.TemporaryDirectory() as scratch:
         path = Path(scratch) / f"{requested.model.name}.keras"
@@ -102,17 +98,3 @@ async def reproduce(owner_dsn: str, prediction_id: uuid.UUID) -> Report:
     if not (report.within_tolerance and report.same_class):
         report.status, report.detail = "different", "the model's output differs beyond the tolerance"
     return report
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="just reproduce", description=__doc__.splitlines()[0])
-    parser.add_argument("prediction_id", type=uuid.UUID)
-    args = parser.parse_args(argv)
-    target = resolve(Settings.from_env())
-    report = asyncio.run(reproduce(target.owner_dsn, args.prediction_id))
-    sys.stdout.write(msgspec.json.format(msgspec.json.encode(report)).decode() + "\n")
-    return 0 if report.status == "reproduced" else 1
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

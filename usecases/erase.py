@@ -1,23 +1,18 @@
-"""`just erase DIGEST`: delete an original upload (retention, right to erasure) without breaking
+"""Erasure: delete an original upload (retention, right to erasure) without breaking
 the chain. The chain covers the blob's digest, not its bytes, so every hash still verifies; a
 BlobErased event, appended in the same transaction as the DELETE, records that and why, so verify
 tells an erased blob from a tampered one."""
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import hashlib
 import re
-import sys
 
 import asyncpg
 
 from db.store import AppendRequest, Committed, EventStore, VersionConflict
 from domain.events import BlobErased
 from domain.streams import erasure_stream_id
-from service.config import Settings
-from service.database import prepare
 
 
 class ErasureRefused(Exception):
@@ -54,23 +49,3 @@ async def erase(owner_dsn: str, digest_hex: str, reason: str) -> Committed:
     if not isinstance(outcome, Committed):
         raise ErasureRefused(f"the erasure was not recorded: {outcome}")
     return outcome
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="just erase", description=__doc__.splitlines()[0])
-    parser.add_argument("digest", help="sha256 of the original upload (blob_sha256)")
-    parser.add_argument("--reason", default="erasure request", help="recorded in the BlobErased event")
-    args = parser.parse_args(argv)
-    target = asyncio.run(prepare(Settings.from_env()))
-    try:
-        committed = asyncio.run(erase(target.owner_dsn, args.digest, args.reason))
-    except ErasureRefused as refused:
-        print(f"erase: {refused}", file=sys.stderr)
-        return 1
-    event = committed.events[0]
-    print(f"erased {args.digest}: BlobErased at position {event.position} (hash {event.hash.hex()})")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
