@@ -129,7 +129,10 @@ class AppendRejected(AppendError):
 
 AppendOutcome = Committed | Replayed | AppendError | DatabaseUnavailable
 
-_EVENT_COLUMNS = "position, stream_id, stream_version, event_type, schema_version, data, metadata, recorded_at, hash"
+# Every column of an event, in StoredEvent's field order.
+EVENT_COLUMNS = "position, stream_id, stream_version, event_type, schema_version, data, metadata, recorded_at, hash"
+_AFTER_SQL = "SELECT {columns} FROM events WHERE position > $1 AND position <= $3 ORDER BY position LIMIT $2"
+_LAST_POSITION = 2**63 - 1
 
 _HEAD_SQL = "SELECT position, hash FROM events ORDER BY position DESC LIMIT 1"
 
@@ -140,6 +143,7 @@ _APPEND_SQL = "SELECT * FROM append_events($1, $2, $3, $4, $5, $6, $7, $8, $9, $
 
 
 def stored_event(row: asyncpg.Record) -> StoredEvent:
+    """An event from a row that has its columns by name (in any order)."""
     return StoredEvent(
         position=row["position"],
         stream_id=row["stream_id"],
@@ -151,6 +155,28 @@ def stored_event(row: asyncpg.Record) -> StoredEvent:
         recorded_at=row["recorded_at"],
         hash=bytes(row["hash"]),
     )
+
+
+async def fetch_events_after(
+    connection: asyncpg.Connection | asyncpg.Pool,
+    after: int,
+    limit: int,
+    *,
+    up_to: int | None = None,
+    columns: str = EVENT_COLUMNS,
+) -> list[asyncpg.Record]:
+    """The events after position `after` (and at most `up_to`), in position order: the one
+    query for reading the log forward, whatever subset of the columns a reader needs."""
+    return await connection.fetch(
+        _AFTER_SQL.format(columns=columns), after, limit, _LAST_POSITION if up_to is None else up_to
+    )
+
+
+async def read_events(
+    connection: asyncpg.Connection | asyncpg.Pool, after: int, limit: int, *, up_to: int | None = None
+) -> list[StoredEvent]:
+    """Whole events after `after`, in position order."""
+    return [StoredEvent(*row) for row in await fetch_events_after(connection, after, limit, up_to=up_to)]
 
 
 class EventStore:
@@ -267,14 +293,14 @@ class EventStore:
     # ---- reads (a connection failure surfaces as DatabaseUnavailable) -------------------
 
     async def read_all(self, after: int = 0, limit: int = 1000) -> list[StoredEvent]:
-        rows = await self._fetch(
-            f"SELECT {_EVENT_COLUMNS} FROM events WHERE position > $1 ORDER BY position LIMIT $2", after, limit
-        )
-        return [stored_event(row) for row in rows]
+        try:
+            return await read_events(self.pool, after, limit)
+        except CONNECTION_ERRORS as error:
+            raise DatabaseUnavailable(f"database unavailable: {error}") from error
 
     async def read_stream(self, stream_id: uuid.UUID) -> list[StoredEvent]:
         rows = await self._fetch(
-            f"SELECT {_EVENT_COLUMNS} FROM events WHERE stream_id = $1 ORDER BY stream_version", stream_id
+            f"SELECT {EVENT_COLUMNS} FROM events WHERE stream_id = $1 ORDER BY stream_version", stream_id
         )
         return [stored_event(row) for row in rows]
 

@@ -57,11 +57,3 @@ def check_stream(existing: Sequence[Event], new: Sequence[Event]) -> None:
             raise StreamRuleViolation(f"a {type(first).__name__} stream holds exactly one event")
         return
     raise StreamRuleViolation(f"a stream cannot start with {type(first).__name__}")
-
-
-def is_complete_prediction(events: Sequence[Event]) -> bool:
-    return (
-        len(events) == 2
-        and isinstance(events[0], PredictionRequested)
-        and isinstance(events[1], _OUTCOMES)
-    )

@@ -19,7 +19,8 @@ import asyncpg
 import asyncpg.exceptions._base as asyncpg_base
 import msgspec
 
-from db.store import StoredEvent
+from db.sql import quote_ident
+from db.store import fetch_events_after
 from projections.rows import (
     ErasureRow,
     EventFields,
@@ -38,8 +39,8 @@ READ_MODEL = "read_model"  # the projection's name in projection_checkpoints
 LIVE_SCHEMA = "public"
 CHECKPOINTS_TABLE = "public.projection_checkpoints"
 
-EVENT_COLUMNS = "position, stream_id, stream_version, event_type, schema_version, data, metadata, recorded_at, hash"
-_PROJECTED_COLUMNS = "position, stream_id, event_type, schema_version, data, recorded_at"
+# What a projection reads of each event: the fields of `rows.EventFields`, in its order.
+PROJECTED_COLUMNS = "position, stream_id, event_type, schema_version, data, recorded_at"
 
 # What makes one event unappliable, as opposed to a database that is down or busy (which must
 # fail the batch, to be retried as a whole later).
@@ -50,10 +51,6 @@ DATA_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 _json = msgspec.json.Encoder()
-
-
-def quote_ident(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
 
 
 class ProjectionError(msgspec.Struct, frozen=True, order=True):
@@ -72,30 +69,12 @@ class CheckpointMoved(Exception):
         self.expected, self.actual = expected, actual
 
 
-async def read_events(
-    connection: asyncpg.Connection, after: int, limit: int, *, up_to: int | None = None
-) -> list[StoredEvent]:
-    """Whole events, in position order (for the chain, replay to auditors)."""
-    rows = await connection.fetch(
-        f"SELECT {EVENT_COLUMNS} FROM events WHERE position > $1 AND position <= $3 ORDER BY position LIMIT $2",
-        after,
-        limit,
-        up_to if up_to is not None else 2**63 - 1,
-    )
-    return [StoredEvent(*row) for row in rows]
-
-
 async def read_projected_events(
     connection: asyncpg.Connection, after: int, limit: int, *, up_to: int | None = None
 ) -> list[EventFields]:
     """What the projection needs of the events after `after`, in position order (as fetched:
     records of `EventFields`)."""
-    return await connection.fetch(  # type: ignore[return-value]
-        f"SELECT {_PROJECTED_COLUMNS} FROM events WHERE position > $1 AND position <= $3 ORDER BY position LIMIT $2",
-        after,
-        limit,
-        up_to if up_to is not None else 2**63 - 1,
-    )
+    return await fetch_events_after(connection, after, limit, up_to=up_to, columns=PROJECTED_COLUMNS)  # type: ignore[return-value]
 
 
 def _printable(text: str) -> str:

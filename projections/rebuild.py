@@ -22,6 +22,7 @@ from collections.abc import Callable
 import asyncpg
 import msgspec
 
+from db.sql import quote_ident
 from projections.bulk import BulkWriter, pages, pipeline
 from projections.read_model import (
     CHECKPOINTS_TABLE,
@@ -29,7 +30,6 @@ from projections.read_model import (
     READ_MODEL,
     PreparedBatch,
     ReadModelWriter,
-    quote_ident,
 )
 
 log = logging.getLogger(__name__)

@@ -18,6 +18,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 import asyncpg
 import msgspec
 
+from db.sql import quote_ident
+from db.store import read_events
 from domain.chain import GENESIS_HASH, ChainBreak, find_break
 from projections.bulk import BulkWriter, pipeline
 from projections.read_model import (
@@ -25,8 +27,6 @@ from projections.read_model import (
     LIVE_SCHEMA,
     READ_MODEL,
     PreparedBatch,
-    quote_ident,
-    read_events,
 )
 from projections.rows import EventFields, fields_of
 

@@ -13,7 +13,7 @@ from typing import Any
 import msgspec
 
 from db.store import StoredEvent
-from domain.chain import to_microseconds
+from domain.event_lines import EventLine, event_line
 from domain.events import PredictionFailed, PredictionMade, PredictionRequested
 
 
@@ -98,21 +98,6 @@ class PredictionPage(msgspec.Struct, frozen=True):
     next_cursor: str | None
 
 
-class EventOut(msgspec.Struct, frozen=True):
-    """One event as the chain hashes it: `data` and `metadata` are the exact stored JSON texts."""
-
-    position: int
-    stream_id: str
-    stream_version: int
-    type: str
-    schema_version: int
-    recorded_at: datetime
-    recorded_at_us: int
-    data: str
-    metadata: str
-    hash: str
-
-
 class ModelDescription(msgspec.Struct, frozen=True):
     name: str
     version: str
@@ -125,19 +110,8 @@ class ModelDescription(msgspec.Struct, frozen=True):
     preprocessing: dict[str, Any]
 
 
-def event_out(event: StoredEvent) -> EventOut:
-    return EventOut(
-        position=event.position,
-        stream_id=str(event.stream_id),
-        stream_version=event.stream_version,
-        type=event.event_type,
-        schema_version=event.schema_version,
-        recorded_at=event.recorded_at,
-        recorded_at_us=to_microseconds(event.recorded_at),
-        data=event.data,
-        metadata=event.metadata,
-        hash=event.hash.hex(),
-    )
+def event_out(event: StoredEvent) -> EventLine:
+    return event_line(event.chained(), event.hash)
 
 
 def receipt(log_id: str, events: list[StoredEvent], head_position: int, head_hash: bytes) -> Receipt:

@@ -13,6 +13,7 @@ from litestar.params import HeaderParameter, PathParameter, QueryParameter
 from litestar.response import Stream
 
 from db.store import DatabaseUnavailable
+from domain.event_lines import EventLine, ndjson
 from domain.preprocessing import sniff_format
 from domain.uploads import check_idempotency_key
 from projections import queries
@@ -21,7 +22,6 @@ from service.openapi import ProblemOperation, UploadOperation, problem_spec
 from service.problems import Problem
 from service.responses import (
     ErrorOut,
-    EventOut,
     InputOut,
     ModelDescription,
     ModelOut,
@@ -207,7 +207,7 @@ async def get_input(services: ServicesDependency, input_id: Annotated[UUID, Path
     opt={"scope": "audit"},
     responses={404: problem_spec("No such prediction")},
 )
-async def prediction_events(services: ServicesDependency, prediction_id: Annotated[UUID, PathParameter()]) -> list[EventOut]:
+async def prediction_events(services: ServicesDependency, prediction_id: Annotated[UUID, PathParameter()]) -> list[EventLine]:
     events = await services.store.read_stream(prediction_id)
     if not events:
         raise Problem(404, "prediction_not_found", f"no prediction {prediction_id}")
@@ -221,7 +221,7 @@ async def prediction_events(services: ServicesDependency, prediction_id: Annotat
     tags=["audit"],
     opt={"scope": "audit"},
     media_type="application/x-ndjson",
-    response_description="One EventOut JSON object per line",
+    response_description="One EventLine JSON object per line",
 )
 async def events(
     services: ServicesDependency,
@@ -232,11 +232,9 @@ async def events(
     first_page = await store.read_all(after, min(limit, 500))  # fail (503) before the 200 starts
 
     async def lines() -> AsyncIterator[bytes]:
-        encoder = msgspec.json.Encoder()
         page, sent = first_page, 0
         while page:
-            for event in page:
-                yield encoder.encode(event_out(event)) + b"\n"
+            yield ndjson(event_out(event) for event in page)
             sent += len(page)
             if sent >= limit or len(page) < 500:
                 return
