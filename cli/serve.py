@@ -17,6 +17,7 @@ from db.dsn import redacted
 from infra.database import provision_database
 from infra.logs import configure_json_logging
 from infra.settings import Settings, SettingsError
+from service.http_protocol import DeadlineHttpProtocol
 
 log = logging.getLogger("service")
 
@@ -83,7 +84,7 @@ def _serve(settings: Settings) -> None:
         port=settings.port,
         workers=settings.workers,
         loop="uvloop",
-        http="httptools",
+        http=DeadlineHttpProtocol,  # httptools, with a header deadline and problem+json 400s
         log_level=settings.log_level.lower(),
         log_config=None,  # keep our JSON logging
         access_log=False,  # the app logs failed requests itself, with their request id

@@ -76,7 +76,7 @@ class KerasModel:
 
         self._serve = serve
         # Calling the one concrete function skips tf.function's argument matching on every call
-        # (measured: 485 -> 395 µs at batch 1, 1,042 -> 769 µs at batch 16, one thread).
+        # (BENCHMARKS.md, "Decisions").
         self._serve_concrete = serve.get_concrete_function()
         self._tf = tf
 

@@ -99,6 +99,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     inference_threads: int  # TensorFlow intra-op threads
     max_upload_bytes: int
     body_read_timeout_s: float
+    header_read_timeout_s: float  # the request line and headers must arrive within this
     inline_decode_max_pixels: int  # images up to this size decode on the event loop, larger ones in threads
     max_batch: int
     max_queue: int
@@ -139,6 +140,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             inference_threads=_positive_int("INFERENCE_THREADS", 1),
             max_upload_bytes=_int("MAX_UPLOAD_BYTES", 10 * 1024 * 1024),
             body_read_timeout_s=_float("BODY_READ_TIMEOUT_S", 30.0),
+            header_read_timeout_s=_float("HEADER_READ_TIMEOUT_S", 10.0),
             inline_decode_max_pixels=_int("INLINE_DECODE_MAX_PIXELS", 128 * 128),
             max_batch=_int("MAX_BATCH", 64),
             max_queue=_int("MAX_QUEUE", 1024),

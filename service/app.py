@@ -20,6 +20,7 @@ from service.metrics import Metrics
 from service.observability import Observed
 from service.problems import EXCEPTION_HANDLERS
 from service.routes import ROUTES
+from service.uploads import MAX_PARTS
 from service.security import scope_guard
 
 
@@ -95,7 +96,7 @@ def create_app(settings: Settings, app_dsn: str, *, run_projections: bool = True
         # Without keys there is nothing to check: no guard at all (Litestar copies the handler
         # on every guard call).
         guards=[scope_guard(settings.api_keys)] if settings.api_keys else [],
-        multipart_form_part_limit=16,
+        multipart_form_part_limit=MAX_PARTS,
         logging_config=None,  # logging is configured once, as JSON lines (infra/logs.py)
         openapi_config=OpenAPIConfig(
             title="Prediction audit service",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Annotated
 from uuid import UUID
 
@@ -125,6 +125,7 @@ async def list_predictions(
     before = int(cursor) if cursor is not None else None
     if before is not None and before > MAX_BIGINT:
         raise Problem(400, "bad_cursor", "the cursor is out of range")
+    since, until = _in_utc("since", since), _in_utc("until", until)
     async with services.reading() as connection:
         # Read-your-writes for the list: answer once the projection has reached the head as it
         # was when this request started (bounded wait).
@@ -287,6 +288,17 @@ async def _wait_for_projection(connection, timeout_s: float) -> None:
     """Read-your-writes: wait (bounded) until the projection has applied the head as it is now."""
     head = await connection.fetchval("SELECT coalesce(max(position), 0) FROM events")
     await queries.wait_for_checkpoint(connection, head, timeout_s)
+
+
+def _in_utc(name: str, moment: datetime | None) -> datetime | None:
+    """A time filter as an instant PostgreSQL can hold (Python's datetime stops at year 9999 in
+    UTC, so 0001-01-01T00:00+01:00 or 9999-12-31T23:59-14:00 cannot even be converted)."""
+    if moment is None or moment.tzinfo is None:
+        return moment
+    try:
+        return moment.astimezone(timezone.utc)
+    except OverflowError:
+        raise Problem(400, "bad_time", f"`{name}` is outside the range of representable instants") from None
 
 
 def _media_type(content: bytes) -> str:

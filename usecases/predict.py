@@ -157,9 +157,8 @@ class PredictionService:
         """Small images on the event loop, large ones on the decoder threads.
 
         Opening reads only the header, so the pixel count is known before anything is decoded.
-        A digit-sized PNG decodes in about 60 µs, less than the hand-off to a thread and back
-        costs under load (measured: decoding them in threads made that step take 10 ms at 64
-        connections, waiting for the GIL); a large one would stall every other request.
+        A digit-sized PNG decodes faster on the loop than a hand-off to a thread and back costs
+        under load (BENCHMARKS.md, "Decisions"); a large one would stall every other request.
         """
         opened = open_image(content, self.spec)
         inline = opened.pixels <= self._inline_decode_max_pixels
