@@ -20,6 +20,13 @@ RejectionCode = Literal[
     "image_too_large",  # over the pixel budget (decompression bomb)
     "empty_image",
     "unsupported_mode",
+    # ground truth (domain/labels.py)
+    "invalid_label",  # not a class of the model that made the prediction
+    "invalid_label_source",
+    "invalid_label_note",
+    "invalid_withdraw_reason",
+    "no_current_label",  # a withdrawal with nothing to withdraw
+    "invalid_labels_body",  # a bulk body that is not a JSON array or NDJSON of items
 ]
 
 

@@ -15,8 +15,15 @@ import msgspec
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
-SCOPES = ("predict", "read", "audit")
-ApiKeys = dict[bytes, frozenset[str]]  # sha256(key) -> scopes: only digests are kept in memory
+SCOPES = ("predict", "read", "audit", "label")
+
+
+class ApiKey(msgspec.Struct, frozen=True):
+    name: str  # recorded as the actor of what the key writes (labels); never the key itself
+    scopes: frozenset[str]
+
+
+ApiKeys = dict[bytes, ApiKey]  # sha256(key) -> its name and scopes: only digests are kept in memory
 
 
 class SettingsError(ValueError):
@@ -24,7 +31,9 @@ class SettingsError(ValueError):
 
 
 def parse_api_keys(spec: str | None) -> ApiKeys:
-    """`key1:predict,read;key2:audit` -> {sha256(key): scopes}; None (unset) -> no keys.
+    """`[NAME@]KEY:scope,scope;…` -> {sha256(KEY): ApiKey}; None (unset) -> no keys.
+
+    A key without a name is named `key-` and the first 8 hex digits of its sha256.
 
     A value that is set must hold at least one well-formed key: a blank or separator-only value
     would otherwise switch authentication off without a word.
@@ -42,7 +51,11 @@ def parse_api_keys(spec: str | None) -> ApiKeys:
         unknown = wanted - set(SCOPES)
         if unknown or not wanted:
             raise SettingsError(f"API_KEYS: unknown or missing scopes {sorted(unknown)}; use {', '.join(SCOPES)}")
-        keys[hashlib.sha256(key.strip().encode()).digest()] = wanted
+        name, at, secret = key.strip().rpartition("@")
+        if at and not name.strip():
+            raise SettingsError("API_KEYS: a key's name (NAME@KEY:scopes) must not be blank")
+        digest = hashlib.sha256(secret.strip().encode()).digest()
+        keys[digest] = ApiKey(name=name.strip() or f"key-{digest.hex()[:8]}", scopes=wanted)
     if not keys:
         raise SettingsError("API_KEYS is set but holds no key: unset it, or give KEY:scope1,scope2;…")
     return keys

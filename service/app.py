@@ -16,12 +16,13 @@ from db.migrate import pending_migrations
 from db.store import CONNECTION_ERRORS, DatabaseUnavailable
 from infra.settings import Settings
 from service.bootstrap import Services, ServicesDependency
+from service.label_routes import LABEL_ROUTES
 from service.metrics import Metrics
 from service.observability import Observed
 from service.problems import EXCEPTION_HANDLERS
 from service.routes import ROUTES
-from service.uploads import MAX_PARTS
 from service.security import scope_guard
+from service.uploads import MAX_PARTS
 
 
 @get("/health/live", summary="Liveness: the process is up", tags=["health"])
@@ -88,7 +89,7 @@ def create_app(settings: Settings, app_dsn: str, *, run_projections: bool = True
         return started[0]  # the lifespan has run before any request is served
 
     app = Litestar(
-        route_handlers=[live, ready, *ROUTES],
+        route_handlers=[live, ready, *ROUTES, *LABEL_ROUTES],
         lifespan=[lifespan],
         dependencies={"services": Provide(provide_services, sync_to_thread=False)},
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]

@@ -35,6 +35,7 @@ from projections import queries
 from projections.process import ProjectionWorker
 from service.metrics import Metrics
 from usecases.errors import NotReady
+from usecases.labels import LabelService
 from usecases.models import register_model
 from usecases.predict import PredictionService
 
@@ -80,6 +81,19 @@ class ModelSlot:
         self._serving = serving
 
 
+class LogIdentity:
+    """The log's id (it never changes once the first migration wrote it), read once."""
+
+    def __init__(self, store: EventStore) -> None:
+        self._store = store
+        self._id: str | None = None
+
+    async def id(self) -> str:
+        if self._id is None:
+            self._id = str(await self._store.log_id())
+        return self._id
+
+
 @dataclass(frozen=True, slots=True)
 class Services:
     """Everything a request handler may use, complete once `start` returns."""
@@ -92,6 +106,8 @@ class Services:
     committer: GroupCommitter
     model: ModelSlot
     projection: ProjectionWorker | None  # None: the projection worker runs in another process
+    labels: LabelService
+    log: LogIdentity
     decoder: ThreadPoolExecutor
     background: list[asyncio.Task[None]]
 
@@ -107,7 +123,7 @@ class Services:
         projection = await ProjectionWorker.start(app_dsn, s) if run_projections else None
         services = cls(
             settings=s, metrics=metrics, pool=pool, read_pool=read_pool, store=store, committer=committer,
-            model=ModelSlot(), projection=projection,
+            model=ModelSlot(), projection=projection, labels=LabelService(store, committer), log=LogIdentity(store),
             decoder=ThreadPoolExecutor(max_workers=2, thread_name_prefix="decode"), background=[],
         )
         services.background.append(asyncio.create_task(services._bring_up_model(), name="model-warm-up"))
@@ -157,7 +173,7 @@ class Services:
         gc.freeze()
         gc.set_threshold(GC_GEN0_THRESHOLD, *gc.get_threshold()[1:])
         await self._retry(lambda: register_model(self.store, model.info, model.artifact), "register the model")
-        log_id = str(await self._retry(self.store.log_id, "read the log id"))
+        log_id = await self._retry(self.log.id, "read the log id")
         predictions = PredictionService(
             model=model.info, spec=spec, batcher=batcher, committer=self.committer, store=self.store,
             decoder=self.decoder, inline_decode_max_pixels=s.inline_decode_max_pixels,

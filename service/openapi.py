@@ -103,3 +103,26 @@ class UploadOperation(ProblemOperation):
                 **{media: OpenAPIMediaType(schema=binary) for media in [*_IMAGE_TYPES, "application/octet-stream"]},
             },
         )
+
+
+_LABEL_BODY = Schema(
+    type="object",  # type: ignore[arg-type]
+    properties={
+        "label": Schema(type="integer", minimum=0, description="a class of the model that made the prediction"),  # type: ignore[arg-type]
+        "source": Schema(type="string", max_length=200, description="where the label comes from, e.g. a labelling batch"),  # type: ignore[arg-type]
+        "note": Schema(type="string", max_length=2000),  # type: ignore[arg-type]
+    },
+    required=["label", "source"],
+)
+
+
+@dataclass
+class LabelOperation(ProblemOperation):
+    """The label body is read by hand (with the body deadline); this documents it."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.request_body = RequestBody(
+            required=True, description="The label and where it comes from",
+            content={"application/json": OpenAPIMediaType(schema=_LABEL_BODY)},
+        )

@@ -106,6 +106,12 @@ REJECTION_STATUS: dict[RejectionCode, int] = {
     "image_too_large": 422,
     "empty_image": 422,
     "unsupported_mode": 422,
+    "invalid_label": 422,
+    "invalid_label_source": 422,
+    "invalid_label_note": 422,
+    "invalid_withdraw_reason": 422,
+    "no_current_label": 409,
+    "invalid_labels_body": 400,
 }
 RETRY_AFTER = {"Retry-After": "1"}
 

@@ -1,5 +1,5 @@
 """Optional API keys with scopes: `predict` (POST), `read` (predictions, inputs, model, metrics),
-`audit` (event routes). Health and schema routes need none. Keys are parsed with the settings
+`audit` (event routes), `label` (recording and withdrawing ground truth). Health and schema routes need none. Keys are parsed with the settings
 (infra/settings.py), compared in constant time and never logged."""
 
 from __future__ import annotations
@@ -11,8 +11,10 @@ from collections.abc import Awaitable, Callable
 from litestar.connection import ASGIConnection
 from litestar.handlers.base import BaseRouteHandler
 
-from infra.settings import ApiKeys
+from infra.settings import ApiKey, ApiKeys
 from service.problems import Problem
+
+ACTOR = "api_key_name"  # where the guard leaves the name of the key that was presented
 
 Guard = Callable[[ASGIConnection, BaseRouteHandler], Awaitable[None]]
 
@@ -23,12 +25,12 @@ def _presented_key(connection: ASGIConnection) -> str | None:
     return connection.headers.get("x-api-key")
 
 
-def _scopes_of(presented: str, keys: ApiKeys) -> frozenset[str] | None:
+def _key_of(presented: str, keys: ApiKeys) -> ApiKey | None:
     digest = hashlib.sha256(presented.encode("utf-8", "surrogateescape")).digest()
-    found: frozenset[str] | None = None
-    for known, scopes in keys.items():  # every key is compared: no early exit on a match
+    found: ApiKey | None = None
+    for known, key in keys.items():  # every key is compared: no early exit on a match
         if hmac.compare_digest(digest, known):
-            found = scopes
+            found = key
     return found
 
 
@@ -46,10 +48,11 @@ def scope_guard(keys: ApiKeys) -> Guard:
                 401, "missing_api_key", "this route needs an API key (Authorization: Bearer KEY or X-API-Key)",
                 headers={"WWW-Authenticate": "Bearer"},
             )
-        scopes = _scopes_of(presented, keys)
-        if scopes is None:
+        key = _key_of(presented, keys)
+        if key is None:
             raise Problem(401, "invalid_api_key", "the API key is not valid", headers={"WWW-Authenticate": "Bearer"})
-        if scope not in scopes:
+        if scope not in key.scopes:
             raise Problem(403, "missing_scope", f"the API key lacks the {scope!r} scope")
+        connection.scope.setdefault("state", {})[ACTOR] = key.name  # type: ignore[typeddict-item]
 
     return require_route_scope

@@ -12,7 +12,12 @@ from urllib.parse import unquote
 
 from litestar import Request
 from litestar._multipart import parse_content_header
-from multipart import MultipartError, MultipartSegment, ParserLimitReached, PushMultipartParser  # type: ignore[import-untyped]
+from multipart import (  # type: ignore[import-untyped]
+    MultipartError,
+    MultipartSegment,
+    ParserLimitReached,
+    PushMultipartParser,
+)
 
 from domain.uploads import Upload
 from service.problems import Problem

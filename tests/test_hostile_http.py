@@ -3,6 +3,7 @@ switched authentication off: each answers a problem (or refuses to start) and st
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 import subprocess
@@ -162,16 +163,20 @@ def test_api_keys_of_separators_or_blanks_refuse_to_start(spec):
     assert time.monotonic() - started < 30  # refused before any database or model work
 
 
-@pytest.mark.parametrize("spec", ["k", "k:", "k:nosuchscope", ":read"])
+@pytest.mark.parametrize("spec", ["k", "k:", "k:nosuchscope", ":read", "@k:read"])
 def test_malformed_api_keys_are_refused(spec):
     with pytest.raises(SettingsError):
         parse_api_keys(spec)
 
 
-def test_unset_api_keys_mean_no_keys_and_a_good_spec_parses():
+def test_unset_api_keys_mean_no_keys_and_a_good_spec_parses_with_names():
     assert parse_api_keys(None) == {}
-    keys = parse_api_keys("a:read;b:predict,audit;")
-    assert sorted(len(scopes) for scopes in keys.values()) == [1, 2]
+    keys = parse_api_keys("a:read;labeller@b:predict,label;")
+    assert sorted((key.name, sorted(key.scopes)) for key in keys.values()) == [
+        (f"key-{hashlib.sha256(b'a').hexdigest()[:8]}", ["read"]),
+        ("labeller", ["label", "predict"]),
+    ]
+    assert hashlib.sha256(b"b").digest() in keys  # the name is not part of the key
 
 
 def _settings(**changes) -> Settings:

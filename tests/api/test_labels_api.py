@@ -1,0 +1,146 @@
+"""Ground truth over HTTP: record, correct, withdraw, read the history; scopes and the actor."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import uuid
+
+import httpx
+import pytest
+
+from tests.live import FIXTURES, LiveService, digit_files
+
+pytestmark = pytest.mark.timeout(180)
+
+PROBLEM = "application/problem+json"
+KEYS = {"labeller": "l-key-1", "reader": "r-key-2", "uploader": "p-key-3"}
+API_KEYS = f"alice@{KEYS['labeller']}:label,read;{KEYS['reader']}:read;{KEYS['uploader']}:predict,read"
+
+
+def bearer(name: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {KEYS[name]}"}
+
+
+@pytest.fixture(scope="module")
+def service(module_database, tmp_path_factory):
+    live = LiveService(module_database.owner_dsn, tmp_path_factory.mktemp("svc") / "service.log").start()
+    yield live
+    assert live.stop_gracefully(), live.log()
+
+
+@pytest.fixture(scope="module")
+def client(service):
+    with httpx.Client(base_url=service.url, timeout=30) as http:
+        yield http
+
+
+def predict(client, index: int = 0, headers=None) -> dict:
+    path, _ = digit_files()[index]
+    response = client.post("/prediction/", files={"file": (path.name, path.read_bytes(), "image/png")},
+                           headers=headers or {})
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def assert_problem(response: httpx.Response, status: int, code: str) -> None:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith(PROBLEM)
+    assert response.json()["type"] == f"urn:problem:{code}"
+
+
+def test_a_label_is_recorded_with_a_receipt_and_shows_in_the_history(client):
+    prediction = predict(client)
+    pid = prediction["prediction_id"]
+    response = client.post(f"/prediction/{pid}/labels", json={"label": 8, "source": "batch-1", "note": "clear 8"})
+    assert response.status_code == 201, response.text
+    body = response.json()
+    assert body["current_label"] == 8 and body["entry"]["stream_version"] == 3 and body["entry"]["actor"] is None
+    (event,) = body["receipt"]["events"]
+    assert event["type"] == "GroundTruthRecorded" and event["stream_version"] == 3
+    assert body["receipt"]["head"]["position"] >= event["position"]
+    events = client.get(f"/prediction/{pid}/events").json()
+    assert events[-1]["hash"] == event["hash"]
+    history = client.get(f"/prediction/{pid}/labels").json()
+    assert history == [{"kind": "recorded", "stream_version": 3, "label": 8, "source": "batch-1",
+                        "note": "clear 8", "reason": None, "actor": None}]
+
+
+def test_a_correction_withdrawal_and_relabel_keep_every_step(client):
+    pid = predict(client, 1)["prediction_id"]
+    assert client.post(f"/prediction/{pid}/labels", json={"label": 1, "source": "a"}).status_code == 201
+    assert client.post(f"/prediction/{pid}/labels", json={"label": 2, "source": "b"}).status_code == 201
+    withdrawn = client.delete(f"/prediction/{pid}/labels/current", params={"reason": "blurred"})
+    assert withdrawn.status_code == 200, withdrawn.text
+    assert withdrawn.json()["current_label"] is None and withdrawn.json()["entry"]["reason"] == "blurred"
+    assert_problem(client.delete(f"/prediction/{pid}/labels/current", params={"reason": "again"}), 409, "no_current_label")
+    assert client.delete(f"/prediction/{pid}/labels/current").status_code == 400  # the reason is required
+    assert client.post(f"/prediction/{pid}/labels", json={"label": 3, "source": "c"}).status_code == 201
+    history = client.get(f"/prediction/{pid}/labels").json()
+    assert [(h["kind"], h["label"], h["stream_version"]) for h in history] == [
+        ("recorded", 1, 3), ("recorded", 2, 4), ("withdrawn", None, 5), ("recorded", 3, 6),
+    ]
+
+
+def test_concurrent_labels_for_one_prediction_all_land_in_order(client, service):
+    pid = predict(client, 2)["prediction_id"]
+
+    def label(i: int) -> int:
+        with httpx.Client(base_url=service.url, timeout=30) as own:
+            response = own.post(f"/prediction/{pid}/labels", json={"label": i, "source": f"s{i}"})
+            assert response.status_code == 201, response.text
+            return response.json()["entry"]["stream_version"]
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        versions = sorted(pool.map(label, range(8)))
+    assert versions == list(range(3, 11))
+    history = client.get(f"/prediction/{pid}/labels").json()
+    assert [h["stream_version"] for h in history] == versions
+
+
+def test_bad_labels_are_refused_and_store_nothing(client):
+    pid = predict(client, 3)["prediction_id"]
+    assert_problem(client.post(f"/prediction/{pid}/labels", json={"label": 10, "source": "a"}), 422, "invalid_label")
+    assert_problem(client.post(f"/prediction/{pid}/labels", json={"label": -1, "source": "a"}), 422, "invalid_label")
+    assert_problem(client.post(f"/prediction/{pid}/labels", json={"label": 1, "source": ""}), 422, "invalid_label_source")
+    assert_problem(client.post(f"/prediction/{pid}/labels", json={"label": "one", "source": "a"}), 400, "bad_label_body")
+    assert_problem(client.post(f"/prediction/{pid}/labels", json={"label": 1}), 400, "bad_label_body")
+    assert_problem(client.post(f"/prediction/{pid}/labels", json={"label": 1, "source": "a", "x": 1}), 400, "bad_label_body")
+    assert_problem(client.post(f"/prediction/{pid}/labels", content=b"{not json"), 400, "bad_json")
+    assert client.get(f"/prediction/{pid}/labels").json() == []
+    assert len(client.get(f"/prediction/{pid}/events").json()) == 2
+
+
+def test_unknown_predictions_are_404(client):
+    unknown = uuid.uuid4()
+    assert_problem(client.post(f"/prediction/{unknown}/labels", json={"label": 1, "source": "a"}), 404, "prediction_not_found")
+    assert_problem(client.get(f"/prediction/{unknown}/labels"), 404, "prediction_not_found")
+    assert_problem(client.delete(f"/prediction/{unknown}/labels/current", params={"reason": "r"}), 404, "prediction_not_found")
+    assert client.post("/prediction/not-a-uuid/labels", json={"label": 1, "source": "a"}).status_code in (400, 404)
+
+
+@pytest.fixture(scope="module")
+def keyed_service(module_database, tmp_path_factory):
+    live = LiveService(
+        module_database.owner_dsn, tmp_path_factory.mktemp("keyed") / "service.log",
+        MODEL_PATH=str(FIXTURES / "models" / "scalar_32x32x3.keras"), API_KEYS=API_KEYS, PROJECTIONS="off",
+    ).start()
+    yield live
+    assert live.stop_gracefully(), live.log()
+
+
+def test_a_scalar_model_takes_labels_0_and_1_and_keys_record_their_actor(keyed_service):
+    with httpx.Client(base_url=keyed_service.url, timeout=30) as client:
+        pid = predict(client, 4, headers=bearer("uploader"))["prediction_id"]
+        url = f"/prediction/{pid}/labels"
+        assert client.post(url, json={"label": 1, "source": "a"}).status_code == 401
+        assert client.post(url, json={"label": 1, "source": "a"}, headers=bearer("reader")).status_code == 403
+        assert client.post(url, json={"label": 1, "source": "a"}, headers=bearer("uploader")).status_code == 403
+        assert_problem(client.post(url, json={"label": 2, "source": "a"}, headers=bearer("labeller")), 422, "invalid_label")
+        recorded = client.post(url, json={"label": 1, "source": "a"}, headers=bearer("labeller"))
+        assert recorded.status_code == 201, recorded.text
+        assert recorded.json()["entry"]["actor"] == "alice"
+        assert client.post(url, json={"label": 0, "source": "b"}, headers=bearer("labeller")).status_code == 201
+        withdrawn = client.delete(f"{url}/current", params={"reason": "r"}, headers=bearer("labeller"))
+        assert withdrawn.json()["entry"]["actor"] == "alice"
+        history = client.get(url, headers=bearer("reader")).json()
+        assert [(h["label"], h["actor"]) for h in history] == [(1, "alice"), (0, "alice"), (None, "alice")]
