@@ -304,6 +304,11 @@ class EventStore:
         )
         return [stored_event(row) for row in rows]
 
+    async def stream_head(self, stream_id: uuid.UUID) -> int:
+        """The position of the stream's latest event (0 for an unknown stream)."""
+        rows = await self._fetch("SELECT coalesce(max(position), 0) AS position FROM events WHERE stream_id = $1", stream_id)
+        return rows[0]["position"]
+
     async def head(self) -> tuple[int, bytes]:
         rows = await self._fetch(_HEAD_SQL)
         return (rows[0]["position"], bytes(rows[0]["hash"])) if rows else (0, GENESIS_HASH)

@@ -112,6 +112,7 @@ class BulkWriter:
                             "predictions", records=predictions, columns=PREDICTION_COLUMNS, schema_name=self.schema
                         )
                     await self.exact.write_erasures(connection, batch.erasures)
+                    await self.exact.write_labels(connection, batch.labels)
             except DATA_ERRORS:
                 pass  # the exact path finds out which event it was, and reports it
             else:

@@ -26,6 +26,7 @@ from projections.rows import (
     EventFields,
     EventLike,
     InputRow,
+    LabelRow,
     PredictionRow,
     Row,
     SkippedEvent,
@@ -102,8 +103,10 @@ class PreparedBatch:
         self.inputs: list[InputRow] = []
         self.outcomes: list[PredictionRow] = []
         self.erasures: list[ErasureRow] = []
+        self.labels: list[LabelRow] = []
         self.skipped: list[ProjectionError] = []
-        by_kind = {InputRow: self.inputs, PredictionRow: self.outcomes, ErasureRow: self.erasures}
+        by_kind = {InputRow: self.inputs, PredictionRow: self.outcomes, ErasureRow: self.erasures,
+                   LabelRow: self.labels}
         for event in events:
             try:
                 row = row_from_fields(*event)
@@ -124,7 +127,7 @@ class PreparedBatch:
     @property
     def columns(self) -> _Columns:
         if self._columns is None:
-            self._columns = _columns(self.inputs, self.outcomes, self.erasures)
+            self._columns = _columns(self.inputs, self.outcomes, self.erasures, self.labels)
         return self._columns
 
 
@@ -133,12 +136,43 @@ class _Columns(msgspec.Struct):
     outcomes: list[list] | None
     outcome_positions: list[int]
     erasures: list[list] | None
+    labels: Sequence[LabelRow]
+
+
+def _label_columns(labels: Sequence[LabelRow]) -> tuple[list[list], list[list], list[list]]:
+    """The label events as columns, each with the position of the next label event of its
+    prediction within the batch (None for the last: a later batch supersedes it); then per
+    prediction its first and its last label event in the batch."""
+    superseded: list[int | None] = [None] * len(labels)
+    last_index: dict[uuid.UUID, int] = {}
+    first: dict[uuid.UUID, LabelRow] = {}
+    for index, row in enumerate(labels):  # in position order
+        previous = last_index.get(row.prediction_id)
+        if previous is not None:
+            superseded[previous] = row.position
+        else:
+            first[row.prediction_id] = row
+        last_index[row.prediction_id] = index
+    last = [labels[index] for index in last_index.values()]
+    return (
+        [
+            [r.position for r in labels], [r.prediction_id for r in labels], [r.kind for r in labels],
+            [r.label for r in labels], [r.source for r in labels], [r.note for r in labels],
+            [r.reason for r in labels], [r.actor for r in labels], [r.recorded_at for r in labels], superseded,
+        ],
+        [[r.prediction_id for r in first.values()], [r.position for r in first.values()]],
+        [[r.prediction_id for r in last], [r.label for r in last], [r.position for r in last]],
+    )
 
 
 def _columns(
-    inputs: Sequence[InputRow], outcomes: Sequence[PredictionRow], erasures: Sequence[ErasureRow]
+    inputs: Sequence[InputRow],
+    outcomes: Sequence[PredictionRow],
+    erasures: Sequence[ErasureRow],
+    labels: Sequence[LabelRow] = (),
 ) -> _Columns:
     return _Columns(
+        labels=labels,
         inputs=[
             [r.input_id for r in inputs],
             [r.stream_id for r in inputs],
@@ -189,6 +223,7 @@ def _columns_of(row: Row) -> _Columns:
         [row] if type(row) is InputRow else [],
         [row] if type(row) is PredictionRow else [],
         [row] if type(row) is ErasureRow else [],
+        [row] if type(row) is LabelRow else [],
     )
 
 
@@ -245,6 +280,26 @@ class ReadModelWriter:
                 ORDER BY i.input_id, e.position
             )
             UPDATE {s}.inputs AS i SET erased_at = f.recorded_at FROM first_erasure AS f WHERE i.input_id = f.input_id
+        """
+        # Label events, in three steps: the events themselves; the label that was the latest
+        # before this batch is superseded by the batch's first one; the prediction takes the
+        # batch's last one (a withdrawal leaves no label). Applied after the outcomes, so a label
+        # in the same batch as its prediction finds the row.
+        self._insert_labels = f"""
+            INSERT INTO {s}.labels (position, prediction_id, kind, label, source, note, reason, actor, recorded_at,
+                superseded_at)
+            SELECT * FROM unnest($1::bigint[], $2::uuid[], $3::text[], $4::int[], $5::text[], $6::text[],
+                $7::text[], $8::text[], $9::timestamptz[], $10::bigint[])
+        """
+        self._supersede_labels = f"""
+            UPDATE {s}.labels AS l SET superseded_at = u.position
+            FROM unnest($1::uuid[], $2::bigint[]) AS u(prediction_id, position)
+            WHERE l.prediction_id = u.prediction_id AND l.superseded_at IS NULL AND l.position < u.position
+        """
+        self._set_current_labels = f"""
+            UPDATE {s}.predictions AS p SET label = u.label, labelled_at = u.position
+            FROM unnest($1::uuid[], $2::int[], $3::bigint[]) AS u(prediction_id, label, position)
+            WHERE p.prediction_id = u.prediction_id
         """
         self._insert_errors = f"""
             INSERT INTO {s}.projection_errors (position, stream_id, event_type, reason, detail)
@@ -318,7 +373,16 @@ class ReadModelWriter:
             )
         if columns.erasures is not None:
             await connection.execute(self._apply_erasures, *columns.erasures)
+        await self.write_labels(connection, columns.labels)
         return errors
+
+    async def write_labels(self, connection: asyncpg.Connection, labels: Sequence[LabelRow]) -> None:
+        if not labels:
+            return
+        rows, starts, ends = _label_columns(labels)
+        await connection.execute(self._supersede_labels, *starts)
+        await connection.execute(self._insert_labels, *rows)
+        await connection.execute(self._set_current_labels, *ends)
 
 
 async def project_batch(

@@ -38,6 +38,7 @@ _SNAPSHOT_ID = re.compile(r"[0-9A-Fa-f-]+")
 COMPARED_TABLES = (
     ("predictions", "prediction_id", "position"),
     ("inputs", "input_id", "position"),
+    ("labels", "position", "position"),
     ("projection_errors", "position", "position"),
 )
 

@@ -90,6 +90,8 @@ class PredictionOut(msgspec.Struct, frozen=True):
     error: ErrorOut | None
     position: int
     created_at: datetime
+    label: int | None  # the current ground truth (GET /prediction/{id}/labels has the history)
+    correct: bool | None  # likely_class == label; None when failed or unlabelled
     image: str | None = None  # data URI of the original bytes (single GET only); None once erased
 
 

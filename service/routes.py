@@ -121,6 +121,8 @@ async def list_predictions(
     model_version: Annotated[str | None, QueryParameter(max_length=200, description="Only this model version")] = None,
     since: Annotated[datetime | None, QueryParameter(description="Created at or after (ISO 8601)")] = None,
     until: Annotated[datetime | None, QueryParameter(description="Created before (ISO 8601)")] = None,
+    labelled: Annotated[bool | None, QueryParameter(description="Only predictions with (true) or without (false) a current label")] = None,
+    correct: Annotated[bool | None, QueryParameter(description="Only labelled made predictions the model got right (true) or wrong (false)")] = None,
 ) -> PredictionPage:
     before = int(cursor) if cursor is not None else None
     if before is not None and before > MAX_BIGINT:
@@ -132,7 +134,7 @@ async def list_predictions(
         await _wait_for_projection(connection, services.settings.read_your_writes_timeout_s)
         views, next_cursor = await queries.list_predictions(
             connection, limit=limit, before_position=before, likely_class=likely_class,
-            model_version=model_version, since=since, until=until,
+            model_version=model_version, since=since, until=until, labelled=labelled, correct=correct,
         )
     return PredictionPage(
         items=[prediction_out(view) for view in views],
@@ -151,9 +153,14 @@ async def list_predictions(
 async def get_prediction(services: ServicesDependency, prediction_id: Annotated[UUID, PathParameter()]) -> PredictionOut:
     async with services.reading() as connection:
         view = await queries.get_prediction(connection, prediction_id)
-    if view is None:
-        # Not projected yet? The stream is the truth: a 2xx POST's id never answers 404.
-        view = queries.prediction_view_from_events(await services.store.read_stream(prediction_id))
+    applied = max(view.position, view.labelled_at or 0) if view is not None else 0
+    if view is None or await services.store.stream_head(prediction_id) > applied:
+        # Not projected yet (or a label is not): the stream is the truth, so a 2xx POST's id
+        # never answers 404 and a recorded label shows at once.
+        fresh = queries.prediction_view_from_events(
+            await services.store.read_stream(prediction_id), erased=view.erased if view is not None else False
+        )
+        view = fresh or view
     if view is None:
         raise Problem(404, "prediction_not_found", f"no prediction {prediction_id}")
     image = None
@@ -332,6 +339,8 @@ def prediction_out(view: queries.PredictionView, *, image: str | None = None) ->
         error=ErrorOut(code=view.error.code, message=view.error.message) if view.error else None,
         position=view.position,
         created_at=view.recorded_at,
+        label=view.label,
+        correct=view.correct,
         image=image,
     )
 

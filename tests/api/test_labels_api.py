@@ -144,3 +144,25 @@ def test_a_scalar_model_takes_labels_0_and_1_and_keys_record_their_actor(keyed_s
         assert withdrawn.json()["entry"]["actor"] == "alice"
         history = client.get(url, headers=bearer("reader")).json()
         assert [(h["label"], h["actor"]) for h in history] == [(1, "alice"), (0, "alice"), (None, "alice")]
+
+
+def test_the_prediction_answers_show_the_current_label_at_once_and_the_list_filters_by_it(client):
+    made = predict(client, 5)
+    pid, likely = made["prediction_id"], made["likely_class"]
+    assert client.get(f"/prediction/{pid}").json()["label"] is None
+    assert client.post(f"/prediction/{pid}/labels", json={"label": likely, "source": "a"}).status_code == 201
+    view = client.get(f"/prediction/{pid}").json()  # read-your-writes: no wait for the projection
+    assert (view["label"], view["correct"]) == (likely, True)
+    wrong = (likely + 1) % 10
+    assert client.post(f"/prediction/{pid}/labels", json={"label": wrong, "source": "b"}).status_code == 201
+    assert (client.get(f"/prediction/{pid}").json()["correct"]) is False
+
+    def listed(**params) -> set[str]:
+        response = client.get("/predictions/", params={"limit": 500, **params})
+        assert response.status_code == 200, response.text
+        return {item["prediction_id"] for item in response.json()["items"]}
+
+    assert pid in listed(labelled="true") and pid not in listed(labelled="false")
+    assert pid in listed(correct="false") and pid not in listed(correct="true")
+    item = next(i for i in client.get("/predictions/", params={"limit": 500}).json()["items"] if i["prediction_id"] == pid)
+    assert (item["label"], item["correct"]) == (wrong, False)
