@@ -177,6 +177,8 @@ async def test_database_outage_fast_503s_then_recovery_without_restart(database,
         statuses = [r.status_code for r in during if isinstance(r, httpx.Response)]
         assert len(statuses) == 30 and set(statuses) == {503}, statuses
         assert all(r.headers["content-type"].startswith("application/problem+json") for r in during)
+        # the database outage itself, not a model that is not ready
+        assert {r.json()["type"] for r in during} == {"urn:problem:database_unavailable"}
         assert all(r.headers.get("retry-after") for r in during)
         assert elapsed < 30  # 30 requests, 6 at a time, each bounded by the 1-2 s timeouts
         async with httpx.AsyncClient(base_url=service.url, timeout=10) as http:
