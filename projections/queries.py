@@ -20,7 +20,7 @@ import msgspec
 
 from db.store import StoredEvent
 from domain.labels import is_correct
-from projections.read_model import CHECKPOINTS_TABLE, READ_MODEL
+from projections.read_model import TRACKING_TABLE, READ_MODEL
 from projections.rows import (
     InputRow,
     LabelRow,
@@ -235,17 +235,18 @@ async def get_input(conn: Queryable, input_id: uuid.UUID) -> InputView | None:
     return None if row is None else InputView(**dict(row))
 
 
-async def checkpoint(conn: Queryable, name: str = READ_MODEL) -> int:
-    position = await conn.fetchval(f"SELECT position FROM {CHECKPOINTS_TABLE} WHERE name = $1", name)
+async def tracked_position(conn: Queryable, name: str = READ_MODEL) -> int:
+    """How far into the log the projection's read tables reflect."""
+    position = await conn.fetchval(f"SELECT position FROM {TRACKING_TABLE} WHERE name = $1", name)
     return position or 0
 
 
-async def wait_for_checkpoint(conn: Queryable, position: int, timeout_s: float, *, name: str = READ_MODEL) -> bool:
+async def wait_until_projected(conn: Queryable, position: int, timeout_s: float, *, name: str = READ_MODEL) -> bool:
     """Wait until the projection has applied `position`; false if it has not within the timeout."""
     deadline = time.monotonic() + timeout_s
     delay = 0.002
     while True:
-        if await checkpoint(conn, name) >= position:
+        if await tracked_position(conn, name) >= position:
             return True
         remaining = deadline - time.monotonic()
         if remaining <= 0:
@@ -255,10 +256,10 @@ async def wait_for_checkpoint(conn: Queryable, position: int, timeout_s: float, 
 
 
 async def lag(conn: Queryable, name: str = READ_MODEL) -> Lag:
-    """Head position minus checkpoint, and `now()` minus the oldest unapplied event's time."""
+    """Head position minus the tracked position, and `now()` minus the oldest unapplied event's time."""
     row = await conn.fetchrow(
         f"""
-        WITH c AS (SELECT coalesce((SELECT position FROM {CHECKPOINTS_TABLE} WHERE name = $1), 0) AS position)
+        WITH c AS (SELECT coalesce((SELECT position FROM {TRACKING_TABLE} WHERE name = $1), 0) AS position)
         SELECT coalesce((SELECT max(position) FROM events), 0) - c.position AS events,
                coalesce(extract(epoch FROM now() - (
                    SELECT recorded_at FROM events WHERE position > c.position ORDER BY position LIMIT 1)), 0)::float8

@@ -1,4 +1,4 @@
-"""Applying events to the read tables of one schema, in batches, and moving the checkpoint.
+"""Applying events to the read tables of one schema, in batches, and moving the tracked position.
 
 One `INSERT … SELECT FROM unnest(…)` per table per batch. An event that cannot be applied (bad
 data PostgreSQL refuses, such as a NUL in a text, an outcome without its request, an unknown type)
@@ -36,9 +36,9 @@ from projections.rows import (
 
 log = logging.getLogger(__name__)
 
-READ_MODEL = "read_model"  # the projection's name in projection_checkpoints
+READ_MODEL = "read_model"  # the projection's name in projection_tracking
 LIVE_SCHEMA = "public"
-CHECKPOINTS_TABLE = "public.projection_checkpoints"
+TRACKING_TABLE = "public.projection_tracking"
 
 # What a projection reads of each event: the fields of `rows.EventFields`, in its order.
 PROJECTED_COLUMNS = "position, stream_id, event_type, schema_version, data, recorded_at"
@@ -62,11 +62,11 @@ class ProjectionError(msgspec.Struct, frozen=True, order=True):
     detail: str
 
 
-class CheckpointMoved(Exception):
-    """The checkpoint is not where this worker left it: another worker (or a rebuild) moved it."""
+class TrackingMoved(Exception):
+    """The tracked position is not where this worker left it: another worker (or a rebuild) moved it."""
 
     def __init__(self, name: str, expected: int, actual: int | None) -> None:
-        super().__init__(f"checkpoint {name!r} is at {actual}, this worker expected {expected}")
+        super().__init__(f"projection {name!r} is tracked at {actual}, this worker expected {expected}")
         self.expected, self.actual = expected, actual
 
 
@@ -393,20 +393,20 @@ async def project_batch(
     expected: int,
     batch_size: int,
 ) -> tuple[int, int, list[ProjectionError]]:
-    """Apply the events after `expected` and move the checkpoint there, in one transaction.
+    """Apply the events after `expected` and move the tracked position there, in one transaction.
 
-    Returns (new checkpoint, events applied, events skipped). Raises `CheckpointMoved` (and rolls
-    the batch back) when the checkpoint is not at `expected`.
+    Returns (new position, events applied, events skipped). Raises `TrackingMoved` (and rolls
+    the batch back) when the tracked position is not at `expected`.
     """
     async with connection.transaction():
-        # Lock the checkpoint row first: it is the one point every writer of these tables
+        # Lock the tracking row first: it is the one point every writer of these tables
         # serializes on (a rebuild's swap locks it too), always before any read-table row, so a
         # batch and a swap can wait for each other but never deadlock.
         current = await connection.fetchval(
-            f"SELECT position FROM {CHECKPOINTS_TABLE} WHERE name = $1 FOR UPDATE", name
+            f"SELECT position FROM {TRACKING_TABLE} WHERE name = $1 FOR UPDATE", name
         )
         if current != expected:
-            raise CheckpointMoved(name, expected, current)
+            raise TrackingMoved(name, expected, current)
         events = await read_projected_events(connection, expected, batch_size)
         if not events:
             return expected, 0, []
@@ -415,11 +415,11 @@ async def project_batch(
         # Compare-and-set: redundant with the row lock above while this worker's session holds
         # it, but the rule that refuses a deposed worker's late write whatever path it came by.
         status = await connection.execute(
-            f"UPDATE {CHECKPOINTS_TABLE} SET position = $3 WHERE name = $1 AND position = $2",
+            f"UPDATE {TRACKING_TABLE} SET position = $3 WHERE name = $1 AND position = $2",
             name,
             expected,
             new_position,
         )
         if status != "UPDATE 1":
-            raise CheckpointMoved(name, expected, None)
+            raise TrackingMoved(name, expected, None)
         return new_position, len(events), errors

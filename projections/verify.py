@@ -4,10 +4,10 @@
    event, an added JSON key included, breaks it at that position.
 2. Outside checkpoints of the chain head (signed heads kept outside the database): each
    `OutsideCheck` gets the verified head and answers a problem or None. None are wired yet.
-3. The read model: every event up to the live checkpoint is replayed into scratch tables
+3. The read model: every event up to the live tracked position is replayed into scratch tables
    (`read_model_create('pg_temp', false)`: the same definition, private to this session) and compared
    with the live tables column by column, as text (so -0.0 differs from 0.0, and jsonb compares
-   in its canonical form). The same snapshot sees the live tables and their checkpoint together.
+   in its canonical form). The same snapshot sees the live tables and their tracked position together.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from db.store import read_events
 from domain.chain import GENESIS_HASH, ChainBreak, find_break
 from projections.bulk import BulkWriter, pipeline
 from projections.read_model import (
-    CHECKPOINTS_TABLE,
+    TRACKING_TABLE,
     LIVE_SCHEMA,
     READ_MODEL,
     PreparedBatch,
@@ -65,7 +65,7 @@ class VerifyReport(msgspec.Struct, frozen=True):
     events: int
     head_position: int
     head_hash: str
-    checkpoint: int
+    tracked: int  # the read model's tracked position
     rows: dict[str, int]
     skipped_events: int
     chain_break: int | None = None
@@ -75,7 +75,7 @@ class VerifyReport(msgspec.Struct, frozen=True):
     def describe(self) -> str:
         lines = [
             f"events: {self.events}, head {self.head_position} {self.head_hash}",
-            f"read model checkpoint: {self.checkpoint}; rows: "
+            f"read model at position {self.tracked}; rows: "
             + ", ".join(f"{table} {count}" for table, count in self.rows.items()),
             f"events the projection stepped over: {self.skipped_events}",
         ]
@@ -116,16 +116,16 @@ class _Chain:
 
 
 async def _checked_pages(
-    reader: asyncpg.Connection, chain: _Chain, checkpoint: int, page_size: int
+    reader: asyncpg.Connection, chain: _Chain, tracked: int, page_size: int
 ) -> AsyncIterator[list[EventFields]]:
-    """Every event through the chain check; the ones up to the checkpoint on to the replay."""
+    """Every event through the chain check; the ones up to the tracked position on to the replay."""
     while page := await read_events(reader, chain.position, page_size):
         brk, chain.position, chain.hash = find_break(((e.chained(), e.hash) for e in page), chain.hash, chain.position)
         if brk is not None:
             chain.broken = brk
             return
         chain.events += len(page)
-        yield [fields_of(event) for event in page if event.position <= checkpoint]
+        yield [fields_of(event) for event in page if event.position <= tracked]
 
 
 async def _verify_in_snapshot(
@@ -135,7 +135,7 @@ async def _verify_in_snapshot(
     page_size: int,
     outside_checks: Sequence[OutsideCheck],
 ) -> VerifyReport:
-    checkpoint = await connection.fetchval(f"SELECT position FROM {CHECKPOINTS_TABLE} WHERE name = $1", name) or 0
+    tracked = await connection.fetchval(f"SELECT position FROM {TRACKING_TABLE} WHERE name = $1", name) or 0
     await connection.execute("SELECT read_model_create($1, false)", SCRATCH_SCHEMA)
     writer = BulkWriter(SCRATCH_SCHEMA, log_skips=False)
     chain = _Chain()
@@ -145,18 +145,18 @@ async def _verify_in_snapshot(
         nonlocal skipped
         skipped += len(await writer.write(connection, batch))
 
-    await pipeline(_checked_pages(reader, chain, checkpoint, page_size), write)
+    await pipeline(_checked_pages(reader, chain, tracked, page_size), write)
 
     def report(problem: str | None = None, difference: Difference | None = None, rows: dict[str, int] | None = None):
         return VerifyReport(ok=problem is None, events=chain.events, head_position=chain.position,
-                            head_hash=chain.hash.hex(), checkpoint=checkpoint, rows=rows or {},
+                            head_hash=chain.hash.hex(), tracked=tracked, rows=rows or {},
                             skipped_events=skipped, problem=problem, difference=difference,
                             chain_break=chain.broken.position if chain.broken else None)
 
     if chain.broken is not None:
         return report(f"hash chain broken at position {chain.broken.position}: {chain.broken.reason}")
-    if checkpoint > chain.position:
-        return report(f"the checkpoint ({checkpoint}) is beyond the last event ({chain.position})")
+    if tracked > chain.position:
+        return report(f"the read model's tracked position ({tracked}) is beyond the last event ({chain.position})")
     for check in outside_checks:
         problem = await check(connection, chain.position, chain.hash)
         if problem is not None:

@@ -294,7 +294,7 @@ async def metrics(services: ServicesDependency) -> bytes:
 async def _wait_for_projection(connection, timeout_s: float) -> None:
     """Read-your-writes: wait (bounded) until the projection has applied the head as it is now."""
     head = await connection.fetchval("SELECT coalesce(max(position), 0) FROM events")
-    await queries.wait_for_checkpoint(connection, head, timeout_s)
+    await queries.wait_until_projected(connection, head, timeout_s)
 
 
 def _in_utc(name: str, moment: datetime | None) -> datetime | None:

@@ -131,10 +131,10 @@ async def test_sigterm_drains_every_accepted_request(database, tmp_path):
     connection = await asyncpg.connect(database.owner_dsn)
     try:
         head = await connection.fetchval("SELECT max(position) FROM events")
-        checkpoint = await connection.fetchval("SELECT position FROM projection_checkpoints")
+        tracked = await connection.fetchval("SELECT position FROM projection_tracking")
     finally:
         await connection.close()
-    assert checkpoint == head
+    assert tracked == head
 
 
 async def test_a_projection_worker_that_dies_is_restarted(database, tmp_path):
