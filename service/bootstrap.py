@@ -77,7 +77,8 @@ class ModelSlot:
     def ready(self) -> bool:
         return self._serving is not None
 
-    def _become_ready(self, serving: Serving) -> None:
+    def serve(self, serving: Serving) -> None:
+        """The model is warm and registered: predictions may start."""
         self._serving = serving
 
 
@@ -179,7 +180,7 @@ class Services:
             decoder=self.decoder, inline_decode_max_pixels=s.inline_decode_max_pixels,
             on_decode=self.metrics.observe_decode,
         )
-        self.model._become_ready(Serving(info=model.info, spec=spec, predictions=predictions, log_id=log_id))
+        self.model.serve(Serving(info=model.info, spec=spec, predictions=predictions, log_id=log_id))
 
     async def _retry(self, action: Callable[[], Awaitable[T]], what: str) -> T:
         delay = 0.1

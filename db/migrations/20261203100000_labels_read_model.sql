@@ -6,6 +6,34 @@
 -- The table definitions live in read_model_create (rebuild and verify build from it), replaced
 -- here; the live tables get the same columns and indexes. The log held no label events before
 -- this migration, so nothing needs a backfill.
+
+-- Every label event, so that the label current at any earlier position is a query: a row is
+-- current from its position until `superseded_at` (the next label event of the same prediction;
+-- NULL while it is the latest). A withdrawal is a row with no label. A function of its own
+-- because this migration also adds the table to the live schema.
+CREATE FUNCTION read_model_create_labels(target_schema text) RETURNS void LANGUAGE plpgsql AS $function$
+BEGIN
+    EXECUTE format($ddl$
+        CREATE TABLE %1$I.labels (
+            position bigint NOT NULL,          -- of the label event
+            prediction_id uuid NOT NULL,
+            kind text NOT NULL,
+            label integer,
+            source text,
+            note text,
+            reason text,
+            actor text,
+            recorded_at timestamptz NOT NULL,
+            superseded_at bigint,
+            CONSTRAINT labels_pkey PRIMARY KEY (position),
+            CONSTRAINT labels_kind_check CHECK (kind IN ('recorded', 'withdrawn'))
+        )$ddl$, target_schema);
+    -- Applying a label event looks up the label it supersedes: needed while replaying, too.
+    EXECUTE format('CREATE INDEX labels_prediction_id_idx ON %1$I.labels (prediction_id, position)', target_schema);
+    EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON %1$I.labels TO audit_app', target_schema);
+END
+$function$;
+
 CREATE OR REPLACE FUNCTION read_model_add_indexes(target_schema text) RETURNS void LANGUAGE plpgsql AS $function$
 BEGIN
     EXECUTE format('ALTER TABLE %1$I.predictions ADD CONSTRAINT predictions_input_id_fkey
@@ -75,26 +103,7 @@ BEGIN
             CONSTRAINT predictions_status_check CHECK (status IN ('made', 'failed'))
         )$ddl$, target_schema);
 
-    -- Every label event, so that the label current at any earlier position is a query:
-    -- a row is current from its position until `superseded_at` (the next label event of the same
-    -- prediction; NULL while it is the latest). A withdrawal is a row with no label.
-    EXECUTE format($ddl$
-        CREATE TABLE %1$I.labels (
-            position bigint NOT NULL,          -- of the label event
-            prediction_id uuid NOT NULL,
-            kind text NOT NULL,
-            label integer,
-            source text,
-            note text,
-            reason text,
-            actor text,
-            recorded_at timestamptz NOT NULL,
-            superseded_at bigint,
-            CONSTRAINT labels_pkey PRIMARY KEY (position),
-            CONSTRAINT labels_kind_check CHECK (kind IN ('recorded', 'withdrawn'))
-        )$ddl$, target_schema);
-    -- Applying a label event looks up the label it supersedes: needed while replaying, too.
-    EXECUTE format('CREATE INDEX labels_prediction_id_idx ON %1$I.labels (prediction_id, position)', target_schema);
+    PERFORM read_model_create_labels(target_schema);
 
     EXECUTE format($ddl$
         CREATE TABLE %1$I.projection_errors (
@@ -111,32 +120,19 @@ BEGIN
     END IF;
 
     -- The in-process worker runs as the service's role, which owns no table.
-    EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON %1$I.inputs, %1$I.predictions, %1$I.labels,
-                        %1$I.projection_errors TO audit_app', target_schema);
+    EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON %1$I.inputs, %1$I.predictions, %1$I.projection_errors TO audit_app',
+                   target_schema);
 END
 $function$;
 
 ALTER TABLE public.predictions ADD COLUMN label integer, ADD COLUMN labelled_at bigint;
-CREATE TABLE public.labels (
-    position bigint NOT NULL,
-    prediction_id uuid NOT NULL,
-    kind text NOT NULL,
-    label integer,
-    source text,
-    note text,
-    reason text,
-    actor text,
-    recorded_at timestamptz NOT NULL,
-    superseded_at bigint,
-    CONSTRAINT labels_pkey PRIMARY KEY (position),
-    CONSTRAINT labels_kind_check CHECK (kind IN ('recorded', 'withdrawn'))
-);
+SELECT read_model_create_labels('public');
 CREATE INDEX predictions_labelled_idx ON public.predictions (position) WHERE label IS NOT NULL;
-CREATE INDEX labels_prediction_id_idx ON public.labels (prediction_id, position);
-GRANT SELECT, INSERT, UPDATE, DELETE ON public.labels TO audit_app;
+REVOKE ALL ON FUNCTION read_model_create_labels(text) FROM PUBLIC;
 
 -- migrate:down
 
 DROP TABLE public.labels;
+DROP FUNCTION read_model_create_labels(text);
 DROP INDEX public.predictions_labelled_idx;
 ALTER TABLE public.predictions DROP COLUMN label, DROP COLUMN labelled_at;
