@@ -127,7 +127,7 @@ async def list_predictions(
     before = int(cursor) if cursor is not None else None
     if before is not None and before > MAX_BIGINT:
         raise Problem(400, "bad_cursor", "the cursor is out of range")
-    since, until = _in_utc("since", since), _in_utc("until", until)
+    since, until = in_utc("since", since), in_utc("until", until)
     async with services.reading() as connection:
         # Read-your-writes for the list: answer once the projection has reached the head as it
         # was when this request started (bounded wait).
@@ -297,7 +297,7 @@ async def _wait_for_projection(connection, timeout_s: float) -> None:
     await queries.wait_until_projected(connection, head, timeout_s)
 
 
-def _in_utc(name: str, moment: datetime | None) -> datetime | None:
+def in_utc(name: str, moment: datetime | None) -> datetime | None:
     """A time filter as an instant PostgreSQL can hold (Python's datetime stops at year 9999 in
     UTC, so 0001-01-01T00:00+01:00 or 9999-12-31T23:59-14:00 cannot even be converted)."""
     if moment is None or moment.tzinfo is None:

@@ -166,3 +166,45 @@ def test_the_prediction_answers_show_the_current_label_at_once_and_the_list_filt
     assert pid in listed(correct="false") and pid not in listed(correct="true")
     item = next(i for i in client.get("/predictions/", params={"limit": 500}).json()["items"] if i["prediction_id"] == pid)
     assert (item["label"], item["correct"]) == (wrong, False)
+
+
+def test_models_and_their_quality_now_and_as_of_an_earlier_position(client):
+    made = [predict(client, 6 + i) for i in range(3)]
+    sha = made[0]["model"]["sha256"]
+    right = client.post(f"/prediction/{made[0]['prediction_id']}/labels",
+                        json={"label": made[0]["likely_class"], "source": "q"}).json()
+    before_wrong = right["receipt"]["events"][0]["position"]
+    wrong_label = (made[1]["likely_class"] + 1) % 10
+    assert client.post(f"/prediction/{made[1]['prediction_id']}/labels",
+                       json={"label": wrong_label, "source": "q"}).status_code == 201
+    client.get("/predictions/")  # wait for the projection to reach the head
+
+    models = client.get("/models/").json()
+    (entry,) = [m for m in models["items"] if m["sha256"] == sha]
+    assert entry["name"] == "mnist_convnet" and entry["num_classes"] == 10 and entry["predictions"] >= 3
+    assert entry["labelled"] >= 2 and models["as_of_position"] >= before_wrong
+
+    now = client.get(f"/models/{sha}/quality", params={"bucket": "hour"})
+    assert now.status_code == 200, now.text
+    body = now.json()
+    report = body["report"]
+    assert report["labelled"] == sum(map(sum, body["confusion"])) == entry["labelled"]
+    assert 0 <= report["accuracy"] <= 1 and report["ece"] is not None and report["brier"] is not None
+    assert sum(b["count"] for b in body["calibration"]) == report["labelled"]
+    assert sum(s["predictions"] for s in body["series"]) == report["predictions"]
+    assert body["drift"]["measures"]["predicted_class_psi"] is not None
+    assert body["confusion"][wrong_label][made[1]["likely_class"]] >= 1
+
+    earlier = client.get(f"/models/{sha}/quality", params={"as_of": before_wrong}).json()
+    assert earlier["as_of_position"] == before_wrong
+    assert earlier["report"]["labelled"] == report["labelled"] - 1  # the wrong label came later
+    assert earlier["confusion"][wrong_label][made[1]["likely_class"]] == body["confusion"][wrong_label][made[1]["likely_class"]] - 1
+
+
+def test_quality_refuses_unknown_models_and_malformed_windows(client):
+    assert_problem(client.get(f"/models/{'0' * 64}/quality"), 404, "model_not_found")
+    assert client.get("/models/not-a-digest/quality").status_code == 400
+    sha = client.get("/models/").json()["items"][0]["sha256"]
+    assert client.get(f"/models/{sha}/quality", params={"bucket": "week"}).status_code == 400
+    assert_problem(client.get(f"/models/{sha}/quality", params={"as_of": 2**62}), 400, "as_of_beyond_head")
+    assert_problem(client.get(f"/models/{sha}/quality", params={"since": "0001-01-01T00:00:00+01:00"}), 400, "bad_time")

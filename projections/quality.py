@@ -1,0 +1,182 @@
+"""Model quality from the read tables: counts per time bucket, as of any position of the log.
+
+The counts are the sufficient statistics of `domain.quality` (accuracy, per-class precision,
+recall and F1, confusion, calibration, Brier, drift), aggregated by PostgreSQL into small cells
+(bucket × status × predicted class × true label × confidence bin) and folded into
+`QualityCounts` here. "As of position P" takes the predictions whose outcome is at or before P and,
+for each, the label that was current at P (the `labels` table keeps every label event with the
+position that superseded it), so an earlier state of the log is a query, not a replay.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Literal
+
+import asyncpg
+import msgspec
+
+from domain.events import ModelRegistered, decode_event
+from domain.quality import BINS, QualityCounts, empty, merge
+from domain.streams import model_stream_id
+
+Bucket = Literal["hour", "day"]
+# The lower edges of confidence bins 1 … 9: width_bucket(c, edges) is domain.quality's bin of c.
+_EDGES = "ARRAY[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]::float8[]"
+
+
+class ModelEntry(msgspec.Struct, frozen=True, kw_only=True):
+    sha256: str
+    name: str
+    version: str
+    num_classes: int
+    output_kind: str
+    registered_at: datetime
+    registered_position: int
+    predictions: int
+    failed: int
+    labelled: int
+    first_used: datetime | None
+    last_used: datetime | None
+
+
+class BucketCounts(msgspec.Struct, frozen=True):
+    start: datetime
+    counts: QualityCounts
+
+
+_CELLS_SQL = f"""
+    WITH judged AS (
+        SELECT p.recorded_at, p.status, p.likely_class, p.output, {{truth}} AS truth
+        FROM public.predictions AS p
+        {{label_join}}
+        WHERE p.model_sha256 = $1 AND p.position <= $2 AND p.recorded_at >= $3 AND p.recorded_at < $4
+    ), features AS (
+        SELECT date_trunc($5, recorded_at AT TIME ZONE 'UTC') AS bucket, status, likely_class, truth,
+               CASE WHEN output IS NULL THEN NULL
+                    WHEN cardinality(output) = 1 THEN greatest(1 - output[1], output[1])
+                    ELSE (SELECT max(v) FROM unnest(output) AS v) END AS confidence,
+               -- sum over classes of (p_k - y_k)^2, with y the one-hot label
+               CASE WHEN output IS NULL OR truth IS NULL THEN NULL
+                    WHEN cardinality(output) = 1
+                        THEN (1 - output[1] - (truth = 0)::int) ^ 2 + (output[1] - (truth = 1)::int) ^ 2
+                    ELSE (SELECT sum((v - (i - 1 = truth)::int) ^ 2) FROM unnest(output) WITH ORDINALITY AS o(v, i))
+               END AS brier
+        FROM judged
+    )
+    SELECT bucket, status, likely_class, truth, width_bucket(confidence, {_EDGES}) AS bin, count(*) AS n,
+           coalesce(sum(confidence), 0) AS confidence_sum, coalesce(sum(brier), 0) AS brier_sum
+    FROM features
+    GROUP BY bucket, status, likely_class, truth, bin
+    ORDER BY bucket, status, likely_class, truth, bin
+"""
+_CURRENT = _CELLS_SQL.format(truth="p.label", label_join="")
+# The label current at $2: the latest label event at or before it (a withdrawal has no label).
+_AS_OF = _CELLS_SQL.format(
+    truth="l.label",
+    label_join="""LEFT JOIN LATERAL (
+            SELECT label FROM public.labels
+            WHERE prediction_id = p.prediction_id AND position <= $2 ORDER BY position DESC LIMIT 1
+        ) AS l ON true""",
+)
+
+
+async def bucket_counts(
+    connection: asyncpg.Connection, sha256: str, num_classes: int, *, position: int, current: bool,
+    since: datetime, until: datetime, bucket: Bucket,
+) -> list[BucketCounts]:
+    """The model's counts per bucket over [since, until), as of `position` (`current`: the read
+    tables' own state, which is the state at their tracked position)."""
+    rows = await connection.fetch(_CURRENT if current else _AS_OF, sha256, position, since, until, bucket)
+    buckets: dict[datetime, list[asyncpg.Record]] = {}
+    for row in rows:
+        buckets.setdefault(row["bucket"], []).append(row)
+    return [BucketCounts(start, _fold(cells, num_classes)) for start, cells in buckets.items()]
+
+
+def _fold(cells: Sequence[asyncpg.Record], k: int) -> QualityCounts:
+    c = empty(k)
+    predictions = failed = labelled = labelled_failed = correct = 0
+    brier = 0.0
+    for cell in cells:
+        n, truth, predicted = cell["n"], cell["truth"], cell["likely_class"]
+        if cell["status"] == "failed":
+            failed += n
+            labelled_failed += n if truth is not None else 0
+            continue
+        b = min(cell["bin"], BINS - 1)
+        predictions += n
+        c.predicted_class_counts[predicted] += n
+        c.confidence_histogram[b] += n
+        if truth is None:
+            continue
+        hit = n if truth == predicted else 0
+        labelled += n
+        correct += hit
+        c.confusion[truth][predicted] += n
+        c.bin_counts[b] += n
+        c.bin_confidence_sums[b] += cell["confidence_sum"]
+        c.bin_correct[b] += hit
+        brier += cell["brier_sum"]
+    return msgspec.structs.replace(
+        c, predictions=predictions, failed=failed, labelled=labelled, labelled_failed=labelled_failed,
+        correct=correct, brier_sum=brier,
+    )
+
+
+def total(buckets: Sequence[BucketCounts], num_classes: int) -> QualityCounts:
+    return merge((b.counts for b in buckets), num_classes)
+
+
+async def registration(connection: asyncpg.Connection, sha256: str) -> tuple[ModelRegistered, int, datetime] | None:
+    """The model's ModelRegistered event, its position and time (None: never registered)."""
+    row = await connection.fetchrow(
+        "SELECT event_type, schema_version, data, position, recorded_at FROM events WHERE stream_id = $1"
+        " ORDER BY stream_version LIMIT 1",
+        model_stream_id(sha256),
+    )
+    if row is None:
+        return None
+    event = decode_event(row["event_type"], row["schema_version"], row["data"])
+    return (event, row["position"], row["recorded_at"]) if isinstance(event, ModelRegistered) else None
+
+
+async def models(connection: asyncpg.Connection) -> list[ModelEntry]:
+    """Every registered model, oldest registration first, with how it has been used."""
+    rows = await connection.fetch(
+        """
+        WITH registered AS (
+            SELECT e.event_type, e.schema_version, e.data, e.position, e.recorded_at,
+                   e.data::jsonb -> 'model' ->> 'sha256' AS sha256
+            FROM events AS e WHERE e.event_type = 'ModelRegistered'
+        ), used AS (
+            SELECT model_sha256, count(*) FILTER (WHERE status = 'made') AS predictions,
+                   count(*) FILTER (WHERE status = 'failed') AS failed,
+                   count(*) FILTER (WHERE label IS NOT NULL) AS labelled,
+                   min(recorded_at) AS first_used, max(recorded_at) AS last_used
+            FROM public.predictions GROUP BY model_sha256
+        )
+        SELECT r.*, coalesce(u.predictions, 0) AS predictions, coalesce(u.failed, 0) AS failed,
+               coalesce(u.labelled, 0) AS labelled, u.first_used, u.last_used
+        FROM registered AS r LEFT JOIN used AS u ON u.model_sha256 = r.sha256
+        ORDER BY r.position
+        """
+    )
+    entries = []
+    for row in rows:
+        event = decode_event(row["event_type"], row["schema_version"], row["data"])
+        if not isinstance(event, ModelRegistered):
+            continue
+        entries.append(ModelEntry(
+            sha256=event.model.sha256, name=event.model.name, version=event.model.version,
+            num_classes=event.num_classes, output_kind=event.output_kind, registered_at=row["recorded_at"],
+            registered_position=row["position"], predictions=row["predictions"], failed=row["failed"],
+            labelled=row["labelled"], first_used=row["first_used"], last_used=row["last_used"],
+        ))
+    return entries
+
+
+async def first_use(connection: asyncpg.Connection, sha256: str) -> datetime | None:
+    return await connection.fetchval("SELECT min(recorded_at) FROM public.predictions WHERE model_sha256 = $1", sha256)
+
