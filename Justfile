@@ -57,6 +57,12 @@ replay *ARGS: setup
 reproduce ID: setup
     {{run}} python -m cli reproduce {{ID}}
 
+# each served model's quality against its current labels: a table and the confusion matrix (optionally one model, by sha256 prefix)
+[group('audit')]
+[positional-arguments]
+quality *ARGS: setup
+    {{run}} python -m cli quality "$@"
+
 # retrain the default model from a local .npz (`--online` uses Keras' MNIST download instead)
 [group('model')]
 [positional-arguments]

@@ -12,6 +12,7 @@ COMMANDS = {
     "replay": "print events as NDJSON (just replay)",
     "reproduce": "re-run a past prediction (just reproduce)",
     "erase": "erase an original upload (just erase)",
+    "quality": "each model's measured quality against its labels (just quality)",
 }
 
 
@@ -37,6 +38,10 @@ def main(argv: list[str]) -> int:
         from cli.reproduce import main as reproduce
 
         return reproduce(rest)
+    if command == "quality":
+        from cli.quality import main as quality
+
+        return quality(rest)
     from cli.erase import main as erase
 
     return erase(rest)

@@ -108,3 +108,25 @@ async def test_rebuild_is_byte_identical_with_labels_and_verify_catches_a_tamper
     await owner.execute("UPDATE labels SET label = 5 WHERE label = 4")
     report = await verify(database.owner_dsn)
     assert not report.ok and "labels" in report.describe()
+
+
+async def test_just_quality_prints_the_table_and_the_confusion_matrix(database, app_pool, owner, capsys):
+    from cli.quality import show
+    from domain.events import ModelRegistered
+    from domain.streams import model_stream_id
+    from tests.factories import MODEL
+
+    registered = ModelRegistered(model=MODEL, size_bytes=1, input_shape=[28, 28, 1], output_kind="vector",
+                                 num_classes=10, runtime={})
+    await append(EventStore(app_pool), AppendRequest(stream_id=model_stream_id(MODEL.sha256), expected_version=0,
+                                                     events=[registered]))
+    await a_labelled_log(app_pool)
+    await project(database, owner)
+    assert await show(database.owner_dsn, MODEL.sha256[:8]) == 0
+    out = capsys.readouterr().out
+    # right (9→9), wrong (true 4, predicted 9), corrected (now 9→9): 3 labelled made, 2 correct
+    assert "labelled 3" in out and "accuracy 0.667" in out and "failed 1" in out
+    matrix = out.split("confusion (rows: true label, columns: predicted class)")[1].strip().splitlines()[1:]
+    assert [int(n) for n in matrix[4].split()[1:]] == [0] * 9 + [1]  # true 4, predicted 9
+    assert [int(n) for n in matrix[9].split()[1:]] == [0] * 9 + [2]
+    assert await show(database.owner_dsn, "ffff") == 1
