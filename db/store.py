@@ -127,6 +127,14 @@ class AppendRejected(AppendError):
     """PostgreSQL refused this request's rows (e.g. a value it cannot store)."""
 
 
+class NotApplied(AppendError):
+    """An all-or-nothing group was rolled back because another of its requests was refused."""
+
+
+class _RollBack(Exception):
+    """Raised inside the transaction of an all-or-nothing group to undo it."""
+
+
 AppendOutcome = Committed | Replayed | AppendError | DatabaseUnavailable
 
 # Every column of an event, in StoredEvent's field order.
@@ -187,16 +195,21 @@ class EventStore:
 
     # ---- appends -------------------------------------------------------------------------
 
-    async def append(self, requests: Sequence[AppendRequest]) -> list[AppendOutcome]:
-        """Append a group of requests in one transaction; one outcome per request, in order."""
+    async def append(self, requests: Sequence[AppendRequest], *, all_or_nothing: bool = False) -> list[AppendOutcome]:
+        """Append a group of requests in one transaction; one outcome per request, in order.
+
+        By default each request stands alone (a conflict fails only its own request). With
+        `all_or_nothing`, any refused request rolls the whole group back: the others answer
+        `NotApplied` (a bulk import whose idempotency key turns out to be taken must leave no trace).
+        """
         try:
-            return await self._append_in_one_transaction(requests)
+            return await self._append_in_one_transaction(requests, all_or_nothing=all_or_nothing)
         except CONNECTION_ERRORS as error:
             unavailable = DatabaseUnavailable(f"database unavailable: {error}")
             return [unavailable for _ in requests]
         except asyncpg.PostgresError as error:
-            if len(requests) == 1:
-                return [AppendRejected(f"the database refused the append: {error}")]
+            if len(requests) == 1 or all_or_nothing:
+                return [AppendRejected(f"the database refused the append: {error}") for _ in requests]
         # Something in the group was refused as a whole: retry each request alone so that only
         # the culprit fails.
         outcomes: list[AppendOutcome] = []
@@ -204,7 +217,9 @@ class EventStore:
             outcomes.extend(await self.append([request]))
         return outcomes
 
-    async def _append_in_one_transaction(self, requests: Sequence[AppendRequest]) -> list[AppendOutcome]:
+    async def _append_in_one_transaction(
+        self, requests: Sequence[AppendRequest], *, all_or_nothing: bool = False
+    ) -> list[AppendOutcome]:
         outcomes: list[AppendOutcome | None] = [None] * len(requests)
         # Encode before the round trip: a value that cannot be encoded fails its own request only.
         sent: list[tuple[int, list[tuple[str, int, str]], str]] = []
@@ -217,8 +232,8 @@ class EventStore:
                 sent.append((index, events, encode_metadata(request.metadata)))
             except (TypeError, ValueError, KeyError, msgspec.EncodeError) as error:
                 outcomes[index] = AppendRejected(f"the events cannot be encoded: {error}")
-        if not sent:
-            return outcomes  # type: ignore[return-value]
+        if not sent or (all_or_nothing and len(sent) < len(requests)):
+            return [outcome or NotApplied("the group was not appended") for outcome in outcomes]
 
         stream_ids, expected, keys, fingerprints, metadata, counts = [], [], [], [], [], []
         types, schema_versions, data = [], [], []
@@ -243,23 +258,31 @@ class EventStore:
                      blob_requests, blob_digests, blob_contents)
         erasures = [digest for index, _, _ in sent for digest in requests[index].erase_blobs]
 
+        rolled_back = False
         async with self.pool.acquire() as connection:
-            if not erasures:
+            if not erasures and not all_or_nothing:
                 rows = await connection.fetch(_APPEND_SQL, *arguments)
             else:
-                async with connection.transaction():
-                    rows = await connection.fetch(_APPEND_SQL, *arguments)
-                    for digest in erasures:
-                        # The blob table's DELETE trigger lets through exactly the blob named here.
-                        await connection.execute("SELECT set_config('audit.erasing_blob', $1, true)", digest.hex())
-                        await connection.execute("DELETE FROM blobs WHERE sha256 = $1", digest)
+                try:
+                    async with connection.transaction():
+                        rows = await connection.fetch(_APPEND_SQL, *arguments)
+                        if all_or_nothing and any(row["outcome"] != "committed" for row in rows):
+                            raise _RollBack()
+                        for digest in erasures:
+                            # The blob table's DELETE trigger lets through exactly the blob named here.
+                            await connection.execute("SELECT set_config('audit.erasing_blob', $1, true)", digest.hex())
+                            await connection.execute("DELETE FROM blobs WHERE sha256 = $1", digest)
+                except _RollBack:
+                    rolled_back = True
 
         # Committed: only now may anyone be told.
         committed: list[tuple[int, list[StoredEvent]]] = []
         for row, (index, events, encoded_metadata) in zip(rows, sent, strict=True):
             request = requests[index]
             outcome = row["outcome"]
-            if outcome == "committed":
+            if outcome == "committed" and rolled_back:
+                outcomes[index] = NotApplied("rolled back with its group, which another request's refusal undid")
+            elif outcome == "committed":
                 first_version = row["stream_version"] - len(events)
                 stored = [
                     StoredEvent(
@@ -303,6 +326,27 @@ class EventStore:
             f"SELECT {EVENT_COLUMNS} FROM events WHERE stream_id = $1 ORDER BY stream_version", stream_id
         )
         return [stored_event(row) for row in rows]
+
+    async def read_streams(self, stream_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, list[StoredEvent]]:
+        """Several streams at once, each in stream order (unknown ids are absent)."""
+        rows = await self._fetch(
+            f"SELECT {EVENT_COLUMNS} FROM events WHERE stream_id = ANY($1::uuid[]) ORDER BY stream_id, stream_version",
+            list(stream_ids),
+        )
+        streams: dict[uuid.UUID, list[StoredEvent]] = {}
+        for row in rows:
+            event = StoredEvent(*row)
+            streams.setdefault(event.stream_id, []).append(event)
+        return streams
+
+    async def find_events(self, places: Sequence[tuple[uuid.UUID, int]]) -> dict[tuple[uuid.UUID, int], StoredEvent]:
+        """Events by (stream id, stream version)."""
+        rows = await self._fetch(
+            f"SELECT {EVENT_COLUMNS} FROM events WHERE (stream_id, stream_version) IN"
+            " (SELECT * FROM unnest($1::uuid[], $2::int[]))",
+            [stream for stream, _ in places], [version for _, version in places],
+        )
+        return {(event.stream_id, event.stream_version): event for event in (StoredEvent(*row) for row in rows)}
 
     async def stream_head(self, stream_id: uuid.UUID) -> int:
         """The position of the stream's latest event (0 for an unknown stream)."""

@@ -102,6 +102,23 @@ class GroundTruthWithdrawn(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     actor: str | None = None
 
 
+class LabelBatchItem(msgspec.Struct, frozen=True, kw_only=True):
+    index: int  # in the request
+    prediction_id: str | None  # None: the item did not name one that parses
+    stream_version: int | None = None  # accepted: where its GroundTruthRecorded is
+    code: str | None = None  # refused: why (a problem type's code)
+    detail: str | None = None
+
+
+class LabelBatchRecorded(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    """A bulk label request, in a stream of its own, appended in the same transaction as the
+    labels it accepted: what became of each item, so a retry with the same Idempotency-Key gets
+    the first answer and the import itself is on the record."""
+
+    items: list[LabelBatchItem]
+    actor: str | None = None
+
+
 Event = Union[
     PredictionRequested,
     PredictionMade,
@@ -110,6 +127,7 @@ Event = Union[
     BlobErased,
     GroundTruthRecorded,
     GroundTruthWithdrawn,
+    LabelBatchRecorded,
 ]
 
 EVENT_TYPES: dict[str, type] = {cls.__name__: cls for cls in Event.__args__}  # type: ignore[attr-defined]

@@ -7,6 +7,7 @@ current at any earlier position can be told from the stream alone.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
 
 import msgspec
@@ -126,3 +127,33 @@ def _text(code: RejectionCode, name: str, value: object, limit: int) -> str:
     if len(value) > limit or "\x00" in value:
         raise Rejected(code, f"`{name}` must be at most {limit} characters, without NUL")
     return value
+
+
+MAX_BULK_ITEMS = 10_000
+
+
+class LabelItem(msgspec.Struct, frozen=True, kw_only=True):
+    """One item of a bulk label request, as it arrived (validated by `parse_item`)."""
+
+    prediction_id: uuid.UUID
+    label: object
+    source: object
+    note: object = None
+
+
+def parse_item(value: object, default_source: str | None) -> LabelItem:
+    """`{"prediction_id": …, "label": …, "source"?: …, "note"?: …}` -> a LabelItem; the label and
+    texts are checked later, against the prediction. Raises `Rejected` (`invalid_label_item`)."""
+    if not isinstance(value, dict):
+        raise Rejected("invalid_label_item", "an item is a JSON object with prediction_id and label")
+    unknown = set(value) - {"prediction_id", "label", "source", "note"}
+    if unknown:
+        raise Rejected("invalid_label_item", f"unknown fields {sorted(unknown)}")
+    if "label" not in value:
+        raise Rejected("invalid_label_item", "the item has no label")
+    try:
+        prediction_id = uuid.UUID(str(value["prediction_id"]))
+    except (KeyError, ValueError):
+        raise Rejected("invalid_label_item", "prediction_id must be a UUID") from None
+    return LabelItem(prediction_id=prediction_id, label=value["label"],
+                     source=value.get("source", default_source), note=value.get("note"))

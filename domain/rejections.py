@@ -27,6 +27,8 @@ RejectionCode = Literal[
     "invalid_withdraw_reason",
     "no_current_label",  # a withdrawal with nothing to withdraw
     "invalid_labels_body",  # a bulk body that is not a JSON array or NDJSON of items
+    "invalid_label_item",  # one bulk item that is not {prediction_id, label, source?, note?}
+    "too_many_label_items",
 ]
 
 

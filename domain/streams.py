@@ -2,7 +2,8 @@
 
 A prediction's stream is ``PredictionRequested``, then exactly one of ``PredictionMade`` /
 ``PredictionFailed``, then any number of ``GroundTruthRecorded`` (labels and their corrections)
-and ``GroundTruthWithdrawn`` (only while a label is current). Model registrations and blob erasures live in streams of
+and ``GroundTruthWithdrawn`` (only while a label is current). A bulk label request's
+``LabelBatchRecorded`` has a stream of its own. Model registrations and blob erasures live in streams of
 their own, derived from the digest they are about, so a second registration of the same artifact
 is a version conflict rather than a duplicate.
 """
@@ -17,6 +18,7 @@ from domain.events import (
     Event,
     GroundTruthRecorded,
     GroundTruthWithdrawn,
+    LabelBatchRecorded,
     ModelRegistered,
     PredictionFailed,
     PredictionMade,
@@ -65,7 +67,7 @@ def check_stream(existing: Sequence[Event], new: Sequence[Event]) -> None:
                     f"after its outcome a prediction stream holds only labels, not {type(event).__name__}"
                 )
         return
-    if isinstance(first, (ModelRegistered, BlobErased)):
+    if isinstance(first, (ModelRegistered, BlobErased, LabelBatchRecorded)):
         if len(events) > 1:
             raise StreamRuleViolation(f"a {type(first).__name__} stream holds exactly one event")
         return

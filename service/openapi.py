@@ -126,3 +126,24 @@ class LabelOperation(ProblemOperation):
             required=True, description="The label and where it comes from",
             content={"application/json": OpenAPIMediaType(schema=_LABEL_BODY)},
         )
+
+
+@dataclass
+class BulkLabelOperation(ProblemOperation):
+    """The bulk label body is read by hand (JSON array or NDJSON); this documents it."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        item = Schema(
+            type="object",  # type: ignore[arg-type]
+            properties={"prediction_id": Schema(type="string", format="uuid"), **_LABEL_BODY.properties},  # type: ignore[arg-type, dict-item]
+            required=["prediction_id", "label"],
+        )
+        self.request_body = RequestBody(
+            required=True,
+            description="Up to 10,000 items; an item without `source` takes the `source` query parameter",
+            content={
+                "application/json": OpenAPIMediaType(schema=Schema(type="array", items=item)),  # type: ignore[arg-type]
+                "application/x-ndjson": OpenAPIMediaType(schema=item),
+            },
+        )

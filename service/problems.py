@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 
-_TITLES = {
+TITLES = {
     400: "Bad request",
     401: "Unauthorized",
     403: "Forbidden",
@@ -62,7 +62,7 @@ def problem_response(
 ) -> Response[dict[str, Any]]:
     body: dict[str, Any] = {
         "type": f"urn:problem:{code}",
-        "title": _TITLES.get(status, "Error"),
+        "title": TITLES.get(status, "Error"),
         "status": status,
         "detail": detail,
         "instance": request.url.path,
@@ -75,7 +75,7 @@ def problem_response(
 
 
 def _http_code(status: int) -> str:
-    return _TITLES.get(status, "error").lower().replace(" ", "_")
+    return TITLES.get(status, "error").lower().replace(" ", "_")
 
 
 def handle_problem(request: Request, error: Problem) -> Response[dict[str, Any]]:
@@ -84,7 +84,7 @@ def handle_problem(request: Request, error: Problem) -> Response[dict[str, Any]]
 
 def handle_http_exception(request: Request, error: HTTPException) -> Response[dict[str, Any]]:
     status = error.status_code
-    detail = error.detail or _TITLES.get(status, "Error")
+    detail = error.detail or TITLES.get(status, "Error")
     extra: dict[str, Any] = {}
     if status == 400 and isinstance(error.extra, (dict, list)) and error.extra:
         extra["errors"] = error.extra  # parameter validation: say which parameter and why
@@ -112,7 +112,18 @@ REJECTION_STATUS: dict[RejectionCode, int] = {
     "invalid_withdraw_reason": 422,
     "no_current_label": 409,
     "invalid_labels_body": 400,
+    "invalid_label_item": 400,
+    "too_many_label_items": 413,
 }
+# Codes a use case reports as NotFound (a bulk item answers with them too).
+NOT_FOUND_CODES = ("prediction_not_found", "model_not_found")
+
+
+def status_of(code: str) -> int:
+    """The status a problem code answers, for answers that carry several (a bulk request's items)."""
+    if code in NOT_FOUND_CODES:
+        return 404
+    return REJECTION_STATUS.get(code, 422)  # type: ignore[call-overload]
 RETRY_AFTER = {"Retry-After": "1"}
 
 

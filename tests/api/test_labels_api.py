@@ -144,6 +144,11 @@ def test_a_scalar_model_takes_labels_0_and_1_and_keys_record_their_actor(keyed_s
         assert withdrawn.json()["entry"]["actor"] == "alice"
         history = client.get(url, headers=bearer("reader")).json()
         assert [(h["label"], h["actor"]) for h in history] == [(1, "alice"), (0, "alice"), (None, "alice")]
+        bulk = [{"prediction_id": pid, "label": 1, "source": "bulk"}]
+        assert client.post("/labels", json=bulk, headers=bearer("reader")).status_code == 403
+        recorded = client.post("/labels", json=bulk, headers=bearer("labeller"))
+        assert recorded.status_code == 200 and recorded.json()["accepted"] == 1
+        assert client.get(url, headers=bearer("reader")).json()[-1]["actor"] == "alice"
 
 
 def test_the_prediction_answers_show_the_current_label_at_once_and_the_list_filters_by_it(client):
@@ -208,3 +213,46 @@ def test_quality_refuses_unknown_models_and_malformed_windows(client):
     assert client.get(f"/models/{sha}/quality", params={"bucket": "week"}).status_code == 400
     assert_problem(client.get(f"/models/{sha}/quality", params={"as_of": 2**62}), 400, "as_of_beyond_head")
     assert_problem(client.get(f"/models/{sha}/quality", params={"since": "0001-01-01T00:00:00+01:00"}), 400, "bad_time")
+
+
+def test_bulk_labels_answer_per_item_and_a_retry_with_the_same_key_appends_nothing(client):
+    made = [predict(client, 10 + i) for i in range(5)]
+    unknown = str(uuid.uuid4())
+    items = [{"prediction_id": m["prediction_id"], "label": m["likely_class"]} for m in made]
+    items += [{"prediction_id": unknown, "label": 1}, {"prediction_id": made[0]["prediction_id"], "label": 99},
+              {"label": 3}, "not an object"]
+    first = client.post("/labels", params={"source": "batch-9"}, json=items, headers={"Idempotency-Key": "bulk-1"})
+    assert first.status_code == 200, first.text
+    body = first.json()
+    assert (body["accepted"], body["refused"]) == (5, 4) and body["replayed"] is False
+    statuses = [item["status"] for item in body["items"]]
+    assert statuses == [201] * 5 + [404, 422, 400, 400]
+    assert body["items"][5]["problem"]["type"] == "urn:problem:prediction_not_found"
+    assert body["items"][6]["problem"]["type"] == "urn:problem:invalid_label"
+    assert body["items"][7]["problem"]["type"] == "urn:problem:invalid_label_item"
+    events = client.get(f"/prediction/{made[2]['prediction_id']}/events").json()
+    assert events[-1]["hash"] == body["items"][2]["hash"] and events[-1]["type"] == "GroundTruthRecorded"
+    assert client.get(f"/prediction/{made[2]['prediction_id']}/labels").json()[0]["source"] == "batch-9"
+    head = client.get("/events", params={"after": body["head"]["position"] - 1}).text.splitlines()
+
+    again = client.post("/labels", params={"source": "batch-9"}, json=items, headers={"Idempotency-Key": "bulk-1"})
+    assert again.status_code == 200 and again.json()["replayed"] is True
+    assert again.json()["items"] == body["items"] and again.json()["batch"] == body["batch"]
+    assert len(client.get("/events", params={"after": body["head"]["position"] - 1}).text.splitlines()) == len(head)
+    reused = client.post("/labels", params={"source": "other"}, json=items[:2], headers={"Idempotency-Key": "bulk-1"})
+    assert_problem(reused, 422, "idempotency_key_reused")
+
+
+def test_bulk_labels_as_ndjson_and_malformed_bodies(client):
+    made = predict(client, 15)
+    ndjson = (f'{{"prediction_id": "{made["prediction_id"]}", "label": 1, "source": "nd"}}\n\n'
+              f'{{"prediction_id": "{made["prediction_id"]}", "label": 2, "source": "nd", "note": "fix"}}\n')
+    response = client.post("/labels", content=ndjson, headers={"content-type": "application/x-ndjson"})
+    assert response.status_code == 200, response.text
+    assert [i["stream_version"] for i in response.json()["items"]] == [3, 4]
+    assert client.get(f"/prediction/{made['prediction_id']}").json()["label"] == 2
+    assert_problem(client.post("/labels", content=b"{}", headers={"content-type": "application/json"}), 400, "invalid_labels_body")
+    assert_problem(client.post("/labels", content=b"[{", headers={"content-type": "application/json"}), 400, "invalid_labels_body")
+    assert_problem(client.post("/labels", content=b"x", headers={"content-type": "text/csv"}), 415, "unsupported_media_type")
+    too_many = [{"prediction_id": made["prediction_id"], "label": 1, "source": "s"}] * 10_001
+    assert_problem(client.post("/labels", json=too_many), 413, "too_many_label_items")

@@ -8,7 +8,7 @@ import uuid
 import pytest
 
 from db.group_commit import GroupCommitter
-from db.store import AppendRequest, EventStore
+from db.store import AppendRequest, EventStore, IdempotencyKeyReused
 from domain.events import GroundTruthRecorded, ModelRegistered
 from domain.rejections import Rejected
 from domain.streams import model_stream_id
@@ -112,3 +112,72 @@ async def test_unknown_or_non_prediction_streams_are_not_found(labels):
     await append(store, registration())
     with pytest.raises(NotFound):
         await service.record(model_stream_id(MODEL.sha256), label=1, source="a", metadata={})
+
+
+async def test_bulk_10000_items_with_3_bad_ones_commit_9997_in_one_transaction(labels, owner):
+    service, store = labels
+    requests = [prediction_request(label=str(i)) for i in range(9_998)]
+    for start in range(0, len(requests), 2_000):
+        await append(store, *requests[start:start + 2_000])
+    items: list[object] = [{"prediction_id": str(r.stream_id), "label": i % 10, "source": "bulk"}
+                           for i, r in enumerate(requests)]
+    items[17] = {"prediction_id": str(uuid.uuid4()), "label": 1, "source": "bulk"}  # unknown prediction
+    items[4_242] = {"prediction_id": str(requests[4_242].stream_id), "label": 10}  # not a class (and no source)
+    items.append({"label": 3})  # no prediction_id: malformed
+    items.append({"prediction_id": str(requests[0].stream_id), "label": 5, "source": "again"})  # a correction
+    assert len(items) == 10_000
+    before = await owner.fetchval("SELECT max(position) FROM events")
+
+    outcome = await service.record_many(items, default_source="default", metadata={})
+
+    refused = {item.index: item for item in outcome.items if item.stream_version is None}
+    assert sorted(refused) == [17, 4_242, 9_998]
+    assert refused[17].code == "prediction_not_found" and refused[4_242].code == "invalid_label"
+    assert refused[9_998].code == "invalid_label_item" and refused[9_998].prediction_id is None
+    assert len(outcome.events) == 9_997
+    assert outcome.events[9_999].stream_version == 4 and outcome.events[0].stream_version == 3  # two labels, in order
+    appended = await owner.fetchval("SELECT count(*) FROM events WHERE position > $1", before)
+    assert appended == 9_997 + 1  # the labels and the request's own LabelBatchRecorded
+    recorded_at = await owner.fetch("SELECT DISTINCT recorded_at FROM events WHERE position > $1", before)
+    assert len(recorded_at) == 1  # one transaction: one clock reading under the lock
+    assert await owner.fetchval("SELECT count(*) FROM events WHERE position > $1 AND event_type = 'LabelBatchRecorded'", before) == 1
+
+
+async def test_bulk_with_an_idempotency_key_answers_the_same_and_appends_nothing_the_second_time(labels, owner):
+    service, store = labels
+    requests = [prediction_request(label=str(i)) for i in range(20)]
+    await append(store, *requests)
+    items = [{"prediction_id": str(r.stream_id), "label": 2} for r in requests] + [{"label": 1}]
+    first = await service.record_many(items, default_source="s", idempotency_key="k-1", fingerprint=b"f" * 32, metadata={})
+    head = await owner.fetchval("SELECT max(position) FROM events")
+    again = await service.record_many(items, default_source="s", idempotency_key="k-1", fingerprint=b"f" * 32, metadata={})
+    assert await owner.fetchval("SELECT max(position) FROM events") == head
+    assert again.replayed and not first.replayed
+    assert again.items == first.items and again.batch == first.batch
+    assert {i: (e.position, e.hash) for i, e in again.events.items()} == {i: (e.position, e.hash) for i, e in first.events.items()}
+    with pytest.raises(IdempotencyKeyReused):
+        await service.record_many(items[:3], idempotency_key="k-1", fingerprint=b"g" * 32, metadata={})
+
+
+async def test_concurrent_twins_with_one_key_append_once(labels, owner):
+    service, store = labels
+    requests = [prediction_request(label=str(i)) for i in range(30)]
+    await append(store, *requests)
+    items = [{"prediction_id": str(r.stream_id), "label": 4, "source": "s"} for r in requests]
+    before = await owner.fetchval("SELECT max(position) FROM events")
+    results = await asyncio.gather(*(service.record_many(items, idempotency_key="twin", fingerprint=b"x" * 32,
+                                                         metadata={}) for _ in range(4)))
+    assert await owner.fetchval("SELECT count(*) FROM events WHERE position > $1", before) == 31
+    assert len({r.batch.position for r in results}) == 1 and sum(not r.replayed for r in results) == 1
+
+
+async def test_bulk_and_single_labels_for_the_same_predictions_at_once_all_land(labels, owner):
+    service, store = labels
+    requests = [prediction_request(label=str(i)) for i in range(10)]
+    await append(store, *requests)
+    items = [{"prediction_id": str(r.stream_id), "label": 1, "source": "bulk"} for r in requests]
+    singles = [service.record(r.stream_id, label=2, source="single", metadata={}) for r in requests]
+    bulk, *_ = await asyncio.gather(service.record_many(items, metadata={}), *singles)
+    assert all(item.stream_version is not None for item in bulk.items)
+    for request in requests:
+        assert [e.stream_version for e in await store.read_stream(request.stream_id)] == [1, 2, 3, 4]
