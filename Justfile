@@ -57,6 +57,12 @@ replay *ARGS: setup
 reproduce ID: setup
     {{run}} python -m cli reproduce {{ID}}
 
+# send labels from a CSV (prediction_id,label[,source,note]) or NDJSON file to the running service, in batches
+[group('audit')]
+[positional-arguments]
+labels-import FILE *ARGS: setup
+    {{run}} python -m cli labels-import "$@"
+
 # each served model's quality against its current labels: a table and the confusion matrix (optionally one model, by sha256 prefix)
 [group('audit')]
 [positional-arguments]

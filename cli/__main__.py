@@ -13,6 +13,7 @@ COMMANDS = {
     "reproduce": "re-run a past prediction (just reproduce)",
     "erase": "erase an original upload (just erase)",
     "quality": "each model's measured quality against its labels (just quality)",
+    "labels-import": "send labels from a CSV or NDJSON file (just labels-import)",
 }
 
 
@@ -38,6 +39,10 @@ def main(argv: list[str]) -> int:
         from cli.reproduce import main as reproduce
 
         return reproduce(rest)
+    if command == "labels-import":
+        from cli.labels_import import main as labels_import
+
+        return labels_import(rest)
     if command == "quality":
         from cli.quality import main as quality
 

@@ -135,6 +135,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     checkpoint_interval_s: float
     api_keys: ApiKeys  # from "key1:predict,read;key2:audit"; empty (API_KEYS unset): no keys required
     allow_unauthenticated: bool  # serve a non-loopback HOST without keys (something in front authenticates)
+    client_api_key: str | None  # the key the command-line clients (just labels-import) present
     log_level: str
 
     @classmethod
@@ -176,5 +177,6 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             checkpoint_interval_s=_float("CHECKPOINT_INTERVAL_S", 1.0),
             api_keys=parse_api_keys(os.environ.get("API_KEYS")),
             allow_unauthenticated=_flag("ALLOW_UNAUTHENTICATED"),
+            client_api_key=os.environ.get("AUDIT_API_KEY") or None,
             log_level=_env("LOG_LEVEL", "INFO"),
         )

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import concurrent.futures
+import json
+import os
+import subprocess
+import sys
 import uuid
 
 import httpx
 import pytest
 
-from tests.live import FIXTURES, LiveService, digit_files
+from tests.live import FIXTURES, ROOT, LiveService, digit_files
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -256,3 +260,30 @@ def test_bulk_labels_as_ndjson_and_malformed_bodies(client):
     assert_problem(client.post("/labels", content=b"x", headers={"content-type": "text/csv"}), 415, "unsupported_media_type")
     too_many = [{"prediction_id": made["prediction_id"], "label": 1, "source": "s"}] * 10_001
     assert_problem(client.post("/labels", json=too_many), 413, "too_many_label_items")
+
+
+def test_labels_import_sends_a_csv_in_batches_reports_refusals_and_is_idempotent(client, service, tmp_path):
+    made = [predict(client, 20 + i) for i in range(7)]
+    rows = ["prediction_id,label,source,note"] + [f"{m['prediction_id']},{m['likely_class']},,ok" for m in made]
+    rows += [f"{uuid.uuid4()},1,,unknown", f"{made[0]['prediction_id']},x,,not a number"]
+    labels_csv = tmp_path / "labels.csv"
+    labels_csv.write_text("\n".join(rows) + "\n")
+
+    def run() -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "cli", "labels-import", str(labels_csv), "--url", service.url,
+                               "--batch-size", "3"], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+    first = run()
+    assert first.returncode == 1, first.stderr  # something was refused
+    assert "accepted 7 (0 already recorded" in first.stdout and "refused 2" in first.stdout
+    assert "prediction_not_found: 1" in first.stdout and "invalid_label: 1" in first.stdout
+    refused = [line for line in (tmp_path / "labels.csv.refused.ndjson").read_text().splitlines()]
+    assert [json.loads(line)["line"] for line in refused] == [9, 10]
+    assert "labels" in first.stderr and "/s" in first.stderr  # the progress line
+    history = client.get(f"/prediction/{made[3]['prediction_id']}/labels").json()
+    assert [(h["source"], h["note"]) for h in history] == [("labels.csv", "ok")]
+
+    second = run()
+    assert "accepted 7 (7 already recorded by an earlier run)" in second.stdout
+    assert len(client.get(f"/prediction/{made[3]['prediction_id']}/labels").json()) == 1
