@@ -23,7 +23,22 @@ from domain.streams import model_stream_id
 
 Bucket = Literal["hour", "day"]
 # The lower edges of confidence bins 1 … 9: width_bucket(c, edges) is domain.quality's bin of c.
-_EDGES = "ARRAY[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]::float8[]"
+EDGES_SQL = "ARRAY[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]::float8[]"
+
+
+def confidence_sql(output: str) -> str:
+    """The top confidence of a recorded output (a scalar model's p is read as [1 - p, p])."""
+    return (f"CASE WHEN {output} IS NULL THEN NULL "
+            f"WHEN cardinality({output}) = 1 THEN greatest(1 - {output}[1], {output}[1]) "
+            f"ELSE (SELECT max(v) FROM unnest({output}) AS v) END")
+
+
+def brier_sql(output: str, truth: str) -> str:
+    """Sum over classes of (p_k - y_k)^2 with y the one-hot label; NULL without output or label."""
+    return (f"CASE WHEN {output} IS NULL OR {truth} IS NULL THEN NULL "
+            f"WHEN cardinality({output}) = 1 "
+            f"THEN (1 - {output}[1] - ({truth} = 0)::int) ^ 2 + ({output}[1] - ({truth} = 1)::int) ^ 2 "
+            f"ELSE (SELECT sum((v - (i - 1 = {truth})::int) ^ 2) FROM unnest({output}) WITH ORDINALITY AS o(v, i)) END")
 
 
 class ModelEntry(msgspec.Struct, frozen=True, kw_only=True):
@@ -54,18 +69,10 @@ _CELLS_SQL = f"""
         WHERE p.model_sha256 = $1 AND p.position <= $2 AND p.recorded_at >= $3 AND p.recorded_at < $4
     ), features AS (
         SELECT date_trunc($5, recorded_at AT TIME ZONE 'UTC') AS bucket, status, likely_class, truth,
-               CASE WHEN output IS NULL THEN NULL
-                    WHEN cardinality(output) = 1 THEN greatest(1 - output[1], output[1])
-                    ELSE (SELECT max(v) FROM unnest(output) AS v) END AS confidence,
-               -- sum over classes of (p_k - y_k)^2, with y the one-hot label
-               CASE WHEN output IS NULL OR truth IS NULL THEN NULL
-                    WHEN cardinality(output) = 1
-                        THEN (1 - output[1] - (truth = 0)::int) ^ 2 + (output[1] - (truth = 1)::int) ^ 2
-                    ELSE (SELECT sum((v - (i - 1 = truth)::int) ^ 2) FROM unnest(output) WITH ORDINALITY AS o(v, i))
-               END AS brier
+               {confidence_sql("output")} AS confidence, {brier_sql("output", "truth")} AS brier
         FROM judged
     )
-    SELECT bucket, status, likely_class, truth, width_bucket(confidence, {_EDGES}) AS bin, count(*) AS n,
+    SELECT bucket, status, likely_class, truth, width_bucket(confidence, {EDGES_SQL}) AS bin, count(*) AS n,
            coalesce(sum(confidence), 0) AS confidence_sum, coalesce(sum(brier), 0) AS brier_sum
     FROM features
     GROUP BY bucket, status, likely_class, truth, bin
@@ -82,13 +89,35 @@ _AS_OF = _CELLS_SQL.format(
 )
 
 
+# The same cells, kept current by the projection (hourly): summed instead of recomputed.
+_KEPT = """
+    SELECT date_trunc($4, hour) AS bucket, status, nullif(likely_class, -1) AS likely_class,
+           nullif(truth, -1) AS truth, nullif(bin, -1) AS bin, sum(n)::bigint AS n,
+           sum(confidence_sum)::float8 AS confidence_sum, sum(brier_sum)::float8 AS brier_sum
+    FROM public.quality_cells
+    WHERE model_sha256 = $1 AND hour >= ($2 AT TIME ZONE 'UTC') AND hour < ($3 AT TIME ZONE 'UTC') AND n > 0
+    GROUP BY 1, 2, 3, 4, 5
+    ORDER BY 1, 2, 3, 4, 5
+"""
+
+
+def _on_the_hour(moment: datetime) -> bool:
+    return moment.minute == moment.second == moment.microsecond == 0 and moment.utcoffset() is not None \
+        and moment.utcoffset().seconds % 3600 == 0  # type: ignore[union-attr]
+
+
 async def bucket_counts(
     connection: asyncpg.Connection, sha256: str, num_classes: int, *, position: int, current: bool,
-    since: datetime, until: datetime, bucket: Bucket,
+    since: datetime, until: datetime, bucket: Bucket, kept: bool = True,
 ) -> list[BucketCounts]:
     """The model's counts per bucket over [since, until), as of `position` (`current`: the read
-    tables' own state, which is the state at their tracked position)."""
-    rows = await connection.fetch(_CURRENT if current else _AS_OF, sha256, position, since, until, bucket)
+    tables' own state, which is the state at their tracked position). The current state over
+    whole hours comes from the cells the projection keeps (`kept`); anything else is aggregated
+    from the predictions and the label history."""
+    if current and kept and _on_the_hour(since) and _on_the_hour(until):
+        rows = await connection.fetch(_KEPT, sha256, since, until, bucket)
+    else:
+        rows = await connection.fetch(_CURRENT if current else _AS_OF, sha256, position, since, until, bucket)
     buckets: dict[datetime, list[asyncpg.Record]] = {}
     for row in rows:
         buckets.setdefault(row["bucket"], []).append(row)

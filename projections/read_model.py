@@ -21,6 +21,7 @@ import msgspec
 
 from db.sql import quote_ident
 from db.store import fetch_events_after
+from projections.quality import EDGES_SQL, brier_sql, confidence_sql
 from projections.rows import (
     ErasureRow,
     EventFields,
@@ -137,6 +138,24 @@ class _Columns(msgspec.Struct):
     outcome_positions: list[int]
     erasures: list[list] | None
     labels: Sequence[LabelRow]
+
+
+def _cell_upsert(schema: str, source: str) -> str:
+    """Add the rows of `source` (a prediction's columns with the `truth` it counts under and
+    `sign` +1 or -1) to their quality cells."""
+    return f"""
+        INSERT INTO {schema}.quality_cells AS q
+            (model_sha256, hour, status, likely_class, truth, bin, n, confidence_sum, brier_sum)
+        SELECT model_sha256, date_trunc('hour', recorded_at AT TIME ZONE 'UTC'), status, coalesce(likely_class, -1),
+               coalesce(truth, -1), coalesce(width_bucket(confidence, {EDGES_SQL}), -1), sum(sign),
+               coalesce(sum(sign * confidence::numeric), 0), coalesce(sum(sign * brier::numeric), 0)
+        FROM (SELECT d.*, {confidence_sql("d.output")} AS confidence, {brier_sql("d.output", "d.truth")} AS brier
+              FROM ({source}) AS d) AS f
+        GROUP BY 1, 2, 3, 4, 5, 6
+        ON CONFLICT (model_sha256, hour, status, likely_class, truth, bin) DO UPDATE
+        SET n = q.n + excluded.n, confidence_sum = q.confidence_sum + excluded.confidence_sum,
+            brier_sum = q.brier_sum + excluded.brier_sum
+    """
 
 
 def _label_columns(labels: Sequence[LabelRow]) -> tuple[list[list], list[list], list[list]]:
@@ -263,7 +282,7 @@ class ReadModelWriter:
                 AS u(prediction_id, position, status, output, likely_class, model_name, model_version,
                      model_sha256, device, batch_size, batch_index, error_code, error_message, recorded_at)
             JOIN {s}.inputs AS i ON i.stream_id = u.prediction_id
-            RETURNING position
+            RETURNING position, prediction_id
         """
         # An erasure marks the inputs of its blob recorded before it (a later upload of the same
         # bytes is a new input whose blob exists again). DISTINCT ON keeps the earliest erasure
@@ -301,6 +320,20 @@ class ReadModelWriter:
             FROM unnest($1::uuid[], $2::int[], $3::bigint[]) AS u(prediction_id, label, position)
             WHERE p.prediction_id = u.prediction_id
         """
+        # Quality cells: a new outcome counts in its cell as unlabelled; a label that changes
+        # moves the prediction from the cell of its old label to the cell of its new one.
+        self._count_outcomes = _cell_upsert(s, f"""
+            SELECT p.model_sha256, p.recorded_at, p.status, p.likely_class, p.output, NULL::int AS truth, 1 AS sign
+            FROM {s}.predictions AS p WHERE p.prediction_id = ANY($1::uuid[])
+        """)
+        self._move_labelled = _cell_upsert(s, f"""
+            SELECT p.model_sha256, p.recorded_at, p.status, p.likely_class, p.output, x.truth, x.sign
+            FROM unnest($1::uuid[], $2::int[]) AS u(prediction_id, label)
+            JOIN {s}.predictions AS p ON p.prediction_id = u.prediction_id
+            CROSS JOIN LATERAL (VALUES (p.label, -1), (u.label, 1)) AS x(truth, sign)
+            WHERE p.label IS DISTINCT FROM u.label
+        """)
+        self._drop_empty_cells = f"DELETE FROM {s}.quality_cells WHERE n = 0"
         self._insert_errors = f"""
             INSERT INTO {s}.projection_errors (position, stream_id, event_type, reason, detail)
             SELECT * FROM unnest($1::bigint[], $2::uuid[], $3::text[], $4::text[], $5::text[])
@@ -365,7 +398,9 @@ class ReadModelWriter:
         if columns.inputs is not None:
             await connection.execute(self._insert_inputs, *columns.inputs)
         if columns.outcomes is not None:
-            stored = {record[0] for record in await connection.fetch(self._insert_predictions, *columns.outcomes)}
+            inserted = await connection.fetch(self._insert_predictions, *columns.outcomes)
+            await self.count_outcomes(connection, [record[1] for record in inserted])
+            stored = {record[0] for record in inserted}
             errors.extend(
                 _error(batch.event_at(position), "rejected", "no applied PredictionRequested in this stream")
                 for position in columns.outcome_positions
@@ -382,7 +417,13 @@ class ReadModelWriter:
         rows, starts, ends = _label_columns(labels)
         await connection.execute(self._supersede_labels, *starts)
         await connection.execute(self._insert_labels, *rows)
+        await connection.execute(self._move_labelled, ends[0], ends[1])  # before the labels change
         await connection.execute(self._set_current_labels, *ends)
+        await connection.execute(self._drop_empty_cells)
+
+    async def count_outcomes(self, connection: asyncpg.Connection, prediction_ids: Sequence[uuid.UUID]) -> None:
+        if prediction_ids:
+            await connection.execute(self._count_outcomes, list(prediction_ids))
 
 
 async def project_batch(

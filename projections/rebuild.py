@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 REBUILD_LOCK_KEY = 0x72626C64  # "rbld": one rebuild at a time
 # Locked in this order by the swap: the order readers take them in (`FROM predictions JOIN
 # inputs`), so a reader holding one while the swap waits for it cannot deadlock with the swap.
-READ_MODEL_TABLES = ("predictions", "inputs", "labels", "projection_errors")
+READ_MODEL_TABLES = ("predictions", "inputs", "labels", "quality_cells", "projection_errors")
 
 
 class RebuildReport(msgspec.Struct, frozen=True):

@@ -33,12 +33,13 @@ from projections.rows import EventFields, fields_of
 SCRATCH_SCHEMA = "pg_temp"
 _SNAPSHOT_ID = re.compile(r"[0-9A-Fa-f-]+")
 
-# (table, key column, order column): compared in this order; the first difference is reported.
+# (table, key column or columns, order column): compared in this order; the first difference is reported.
 # In the order the API's readers and the rebuild's swap lock them (see rebuild.READ_MODEL_TABLES).
 COMPARED_TABLES = (
     ("predictions", "prediction_id", "position"),
     ("inputs", "input_id", "position"),
     ("labels", "position", "position"),
+    ("quality_cells", ("model_sha256", "hour", "status", "likely_class", "truth", "bin"), "hour"),
     ("projection_errors", "position", "position"),
 )
 
@@ -188,15 +189,24 @@ async def _columns(connection: asyncpg.Connection, schema: str, table: str) -> l
     return [row[0] for row in rows]
 
 
-async def first_difference(connection: asyncpg.Connection, table: str, key: str, order: str) -> Difference | None:
-    """The first row (by `order`) where the live table and the replayed one differ."""
+async def first_difference(
+    connection: asyncpg.Connection, table: str, key: str | tuple[str, ...], order: str
+) -> Difference | None:
+    """The first row (by `order`) where the live table and the replayed one differ. `key` names
+    the column (or columns) that identify a row."""
     live_columns = await _columns(connection, LIVE_SCHEMA, table)
     scratch_columns = await _columns(connection, SCRATCH_SCHEMA, table)
     if live_columns != scratch_columns:
         extra = sorted(set(live_columns) ^ set(scratch_columns)) or ["(column order)"]
         return Difference(table=table, key="*", column=", ".join(extra), live=str(live_columns),
                           replayed=str(scratch_columns))
-    k, o = quote_ident(key), quote_ident(order)
+    keys = (key,) if isinstance(key, str) else key
+    name = ",".join(keys)
+
+    def row_key(alias: str) -> str:
+        return f"ROW({', '.join(f'{alias}.{quote_ident(k)}' for k in keys)})"
+
+    first, o = quote_ident(keys[0]), quote_ident(order)  # key columns are NOT NULL: a NULL is a missing row
     # Compared as text: exact for float8 (shortest round-trip spelling, -0 kept) and canonical
     # for jsonb; json would not compare at all.
     differs = [f"l.{quote_ident(c)}::text IS DISTINCT FROM s.{quote_ident(c)}::text" for c in live_columns]
@@ -205,24 +215,26 @@ async def first_difference(connection: asyncpg.Connection, table: str, key: str,
     scratch = f"{quote_ident(SCRATCH_SCHEMA)}.{quote_ident(table)}"
     row = await connection.fetchrow(
         f"""
-        SELECT coalesce(l.{k}, s.{k})::text AS key, l.{k} IS NULL AS no_live, s.{k} IS NULL AS no_replayed,
+        SELECT CASE WHEN l.{first} IS NULL THEN {row_key('s')} ELSE {row_key('l')} END::text AS key,
+               l.{first} IS NULL AS no_live, s.{first} IS NULL AS no_replayed,
                ARRAY[{flags}] AS flags, to_jsonb(l)::text AS live_row, to_jsonb(s)::text AS replayed_row
-        FROM {live} AS l FULL JOIN {scratch} AS s ON l.{k} = s.{k}
-        WHERE l.{k} IS NULL OR s.{k} IS NULL OR {" OR ".join(differs)}
+        FROM {live} AS l FULL JOIN {scratch} AS s ON {row_key('l')} = {row_key('s')}
+        WHERE l.{first} IS NULL OR s.{first} IS NULL OR {" OR ".join(differs)}
         ORDER BY coalesce(l.{o}, s.{o}), 1
         LIMIT 1
         """
     )
     if row is None:
         return None
+    key_text = row["key"] if len(keys) > 1 else row["key"][1:-1]  # ROW(x)::text spells "(x)"
     if row["no_live"] or row["no_replayed"]:
-        return Difference(table=table, key=f"{key}={row['key']}", column=None, live=row["live_row"],
+        return Difference(table=table, key=f"{name}={key_text}", column=None, live=row["live_row"],
                           replayed=row["replayed_row"])
     column = live_columns[row["flags"].index(True)]
     values = await connection.fetchrow(
-        f"SELECT (SELECT {quote_ident(column)}::text FROM {live} WHERE {k}::text = $1) AS live, "
-        f"(SELECT {quote_ident(column)}::text FROM {scratch} WHERE {k}::text = $1) AS replayed",
+        f"SELECT (SELECT {quote_ident(column)}::text FROM {live} AS l WHERE {row_key('l')}::text = $1) AS live, "
+        f"(SELECT {quote_ident(column)}::text FROM {scratch} AS s WHERE {row_key('s')}::text = $1) AS replayed",
         row["key"],
     )
-    return Difference(table=table, key=f"{key}={row['key']}", column=column, live=values["live"],
+    return Difference(table=table, key=f"{name}={key_text}", column=column, live=values["live"],
                       replayed=values["replayed"])

@@ -217,7 +217,7 @@ async def test_verify_passes_and_detects_an_edited_read_table_row(database, app_
     await projected(database, app_pool, owner, *requests, odd)
     report = await verify(database.owner_dsn)
     assert report.ok and report.tracked == report.head_position == 12
-    assert report.rows == {"inputs": 6, "predictions": 6, "labels": 0, "projection_errors": 0}
+    assert report.rows == {"inputs": 6, "predictions": 6, "labels": 0, "quality_cells": 2, "projection_errors": 0}
 
     await owner.execute("UPDATE predictions SET likely_class = 3 WHERE prediction_id = $1", requests[2].stream_id)
     report = await verify(database.owner_dsn)

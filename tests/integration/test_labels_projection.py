@@ -94,7 +94,8 @@ async def test_rebuild_is_byte_identical_with_labels_and_verify_catches_a_tamper
 
     async def tables() -> bytes:
         rows = []
-        for table, order in (("predictions", "position"), ("labels", "position")):
+        for table, order in (("predictions", "position"), ("labels", "position"),
+                             ("quality_cells", "model_sha256, hour, status, likely_class, truth, bin")):
             rows.append([tuple(r) for r in await owner.fetch(f"SELECT * FROM {table} ORDER BY {order}")])
         return msgspec.json.encode(rows, enc_hook=str)
 
@@ -104,6 +105,12 @@ async def test_rebuild_is_byte_identical_with_labels_and_verify_catches_a_tamper
     report = await verify(database.owner_dsn)
     assert report.ok, report.describe()
     assert report.rows["labels"] == 8
+
+    await owner.execute("UPDATE quality_cells SET n = n + 1 WHERE truth = 4")
+    report = await verify(database.owner_dsn)
+    assert not report.ok and "quality_cells" in report.describe() and "n" == report.difference.column
+    await owner.execute("UPDATE quality_cells SET n = n - 1 WHERE truth = 4")
+    assert (await verify(database.owner_dsn)).ok
 
     await owner.execute("UPDATE labels SET label = 5 WHERE label = 4")
     report = await verify(database.owner_dsn)

@@ -34,6 +34,7 @@ pytestmark = pytest.mark.timeout(300)
 
 HOUR = timedelta(hours=1)
 BASE = datetime(2026, 12, 1, tzinfo=timezone.utc)
+EPOCH, FAR = datetime(2000, 1, 1, tzinfo=timezone.utc), datetime(2100, 1, 1, tzinfo=timezone.utc)
 
 
 @st.composite
@@ -152,10 +153,15 @@ async def _run_examples(store, database, owner) -> None:
         for k, scalar, predictions in examples:
             model, facts = await record(store, k, scalar, predictions)
             await caught_up(owner)
+            head = await connection.fetchval("SELECT max(position) FROM events")
+            # The cells the projection keeps equal the reference (everything happened this hour).
+            kept = await quality.bucket_counts(connection, model.sha256, k, position=head, current=True,
+                                               since=EPOCH, until=FAR, bucket="day")
+            assert len(kept) == 1
+            assert_counts_equal(kept[0].counts, merge(reference(facts, k, head).values(), k))
             for fact in facts:
                 await connection.execute("UPDATE predictions SET recorded_at = $2 WHERE prediction_id = $1",
                                          fact["stream"], BASE + fact["hour"] * HOUR + timedelta(minutes=7))
-            head = await connection.fetchval("SELECT max(position) FROM events")
             positions = sorted({head, *(f["position"] for f in facts), *(at for f in facts for at, _ in f["labels"])})
             for position in positions:
                 got = await quality.bucket_counts(
@@ -167,7 +173,8 @@ async def _run_examples(store, database, owner) -> None:
                 for b in got:
                     assert_counts_equal(b.counts, expected[b.start.replace(tzinfo=timezone.utc)])
             current = await quality.bucket_counts(connection, model.sha256, k, position=head, current=True,
-                                                  since=BASE - HOUR, until=BASE + 10 * HOUR, bucket="day")
+                                                  since=BASE - HOUR, until=BASE + 10 * HOUR, bucket="day",
+                                                  kept=False)
             assert len(current) == 1
             assert_counts_equal(current[0].counts, merge(reference(facts, k, head).values(), k))
     finally:

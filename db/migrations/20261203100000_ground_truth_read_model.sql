@@ -1,17 +1,28 @@
 -- migrate:up
 
 -- Ground truth in the read model: each prediction's current label (and the position of the label
--- event that set it), and every label event in `labels`, with the position where the next one
--- superseded it, so that "which label was current at position P" is a query, not a replay.
+-- event that set it), every label event in `labels`, with the position where the next one
+-- superseded it, so that "which label was current at position P" is a query, not a replay, and
+-- `quality_cells`, the counts that model quality is computed from, kept current.
 -- The table definitions live in read_model_create (rebuild and verify build from it), replaced
 -- here; the live tables get the same columns and indexes. The log held no label events before
 -- this migration, so nothing needs a backfill.
 
--- Every label event, so that the label current at any earlier position is a query: a row is
--- current from its position until `superseded_at` (the next label event of the same prediction;
--- NULL while it is the latest). A withdrawal is a row with no label. A function of its own
--- because this migration also adds the table to the live schema.
-CREATE FUNCTION read_model_create_labels(target_schema text) RETURNS void LANGUAGE plpgsql AS $function$
+-- The two tables this migration adds, in a function of their own because it also adds them to
+-- the live schema.
+--
+-- `labels`: every label event. A row is current from its position until `superseded_at` (the
+-- next label event of the same prediction; NULL while it is the latest). A withdrawal is a row
+-- with no label.
+--
+-- `quality_cells`: per model and UTC hour of the outcome, how many predictions fall in each cell
+-- of (status, predicted class, current true label, top-confidence bin), with their confidence and
+-- Brier sums (domain/quality.py's sufficient statistics). -1 stands for "none" (a failed
+-- prediction has no class or bin; an unlabelled one no label), since key columns cannot be NULL.
+-- The sums are numeric, so a label that moves a prediction out of a cell and back leaves exactly
+-- what a replay from position 0 builds (float sums would differ in the last bits, and verify
+-- compares the two as text).
+CREATE FUNCTION read_model_create_ground_truth(target_schema text) RETURNS void LANGUAGE plpgsql AS $function$
 BEGIN
     EXECUTE format($ddl$
         CREATE TABLE %1$I.labels (
@@ -30,7 +41,23 @@ BEGIN
         )$ddl$, target_schema);
     -- Applying a label event looks up the label it supersedes: needed while replaying, too.
     EXECUTE format('CREATE INDEX labels_prediction_id_idx ON %1$I.labels (prediction_id, position)', target_schema);
-    EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON %1$I.labels TO audit_app', target_schema);
+    EXECUTE format($ddl$
+        CREATE TABLE %1$I.quality_cells (
+            model_sha256 text NOT NULL,
+            hour timestamp NOT NULL,           -- UTC hour of the outcome
+            status text NOT NULL,
+            likely_class integer NOT NULL,     -- -1: failed
+            truth integer NOT NULL,            -- the current label; -1: none
+            bin integer NOT NULL,              -- top-confidence bin 0..9; -1: failed
+            n bigint NOT NULL,
+            confidence_sum numeric NOT NULL,
+            brier_sum numeric NOT NULL,        -- 0 unless labelled and made
+            CONSTRAINT quality_cells_pkey PRIMARY KEY (model_sha256, hour, status, likely_class, truth, bin)
+        )$ddl$, target_schema);
+    -- Cells a label emptied are deleted after each batch: this finds them without a scan.
+    EXECUTE format('CREATE INDEX quality_cells_empty_idx ON %1$I.quality_cells (model_sha256) WHERE n = 0', target_schema);
+    EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON %1$I.labels, %1$I.quality_cells TO audit_app',
+                   target_schema);
 END
 $function$;
 
@@ -103,7 +130,7 @@ BEGIN
             CONSTRAINT predictions_status_check CHECK (status IN ('made', 'failed'))
         )$ddl$, target_schema);
 
-    PERFORM read_model_create_labels(target_schema);
+    PERFORM read_model_create_ground_truth(target_schema);
 
     EXECUTE format($ddl$
         CREATE TABLE %1$I.projection_errors (
@@ -126,13 +153,13 @@ END
 $function$;
 
 ALTER TABLE public.predictions ADD COLUMN label integer, ADD COLUMN labelled_at bigint;
-SELECT read_model_create_labels('public');
+SELECT read_model_create_ground_truth('public');
 CREATE INDEX predictions_labelled_idx ON public.predictions (position) WHERE label IS NOT NULL;
-REVOKE ALL ON FUNCTION read_model_create_labels(text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION read_model_create_ground_truth(text) FROM PUBLIC;
 
 -- migrate:down
 
-DROP TABLE public.labels;
-DROP FUNCTION read_model_create_labels(text);
+DROP TABLE public.labels, public.quality_cells;
+DROP FUNCTION read_model_create_ground_truth(text);
 DROP INDEX public.predictions_labelled_idx;
 ALTER TABLE public.predictions DROP COLUMN label, DROP COLUMN labelled_at;
