@@ -209,3 +209,11 @@ async def models(connection: asyncpg.Connection) -> list[ModelEntry]:
 async def first_use(connection: asyncpg.Connection, sha256: str) -> datetime | None:
     return await connection.fetchval("SELECT min(recorded_at) FROM public.predictions WHERE model_sha256 = $1", sha256)
 
+
+
+async def recently_used(connection: asyncpg.Connection, since: datetime) -> list[str]:
+    """The models with predictions in the kept cells since `since` (an hour boundary)."""
+    rows = await connection.fetch(
+        "SELECT DISTINCT model_sha256 FROM public.quality_cells WHERE hour >= ($1 AT TIME ZONE 'UTC')", since
+    )
+    return [row["model_sha256"] for row in rows]

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from typing import TypeVar
 
 import asyncpg
@@ -28,10 +29,11 @@ from db.group_commit import GroupCommitter
 from db.store import CONNECTION_ERRORS, DatabaseUnavailable, EventStore
 from domain.model_port import ModelInfo
 from domain.preprocessing import PreprocessSpec
+from domain.quality import drift, quality_report
 from inference.batcher import MicroBatcher
 from infra.database import create_pool
 from infra.settings import Settings
-from projections import queries
+from projections import quality, queries
 from projections.process import ProjectionWorker
 from service.metrics import Metrics
 from usecases.errors import NotReady
@@ -200,6 +202,39 @@ class Services:
                 yield connection
         except CONNECTION_ERRORS as error:
             raise DatabaseUnavailable(f"database unavailable: {error}") from error
+
+    async def refresh_quality(self) -> None:
+        """The quality gauges of every model used in the last day (from the kept quality cells)."""
+        now = datetime.now(timezone.utc).replace(minute=0, second=0, microsecond=0)
+        windows = {"hour": now - timedelta(hours=1), "day": now - timedelta(days=1)}
+        end = now + timedelta(hours=1)
+        async with self.reading() as connection:
+            position = await queries.tracked_position(connection)
+            for sha256 in await quality.recently_used(connection, windows["day"]):
+                found = await quality.registration(connection, sha256)
+                if found is None:
+                    continue
+                model, classes = found[0].model, found[0].num_classes
+                measured = {}
+                for window, since in windows.items():
+                    measured[window] = quality.total(await quality.bucket_counts(
+                        connection, sha256, classes, position=position, current=True, since=since, until=end,
+                        bucket="day",
+                    ), classes)
+                    report = quality_report(measured[window])
+                    self.metrics.observe_quality(model.name, model.version, window, report.accuracy,
+                                                 report.label_coverage)
+                first = await quality.first_use(connection, sha256)
+                if first is not None:
+                    day_one = first.astimezone(timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
+                    reference = quality.total(await quality.bucket_counts(
+                        connection, sha256, classes, position=position, current=True, since=day_one,
+                        until=day_one + timedelta(days=1), bucket="day",
+                    ), classes)
+                    shift = drift(reference, measured["day"]).predicted_class_psi
+                    self.metrics.model_predicted_class_psi.labels(model.name, model.version).set(
+                        float("nan") if shift is None else shift
+                    )
 
     async def refresh_lag(self) -> queries.Lag:
         async with self.reading() as connection:

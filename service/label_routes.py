@@ -4,7 +4,6 @@ the history. Thin: parse, call `usecases.labels`, shape the answer."""
 from __future__ import annotations
 
 import hashlib
-
 from typing import Annotated
 from uuid import UUID
 
@@ -17,7 +16,12 @@ from domain.labels import MAX_REASON_CHARS, MAX_SOURCE_CHARS, LabelEntry
 from domain.rejections import Rejected
 from domain.uploads import check_idempotency_key
 from service.bootstrap import ServicesDependency
-from service.openapi import BulkLabelOperation, LabelOperation, ProblemOperation, problem_spec
+from service.openapi import (
+    BulkLabelOperation,
+    LabelOperation,
+    ProblemOperation,
+    problem_spec,
+)
 from service.problems import TITLES, Problem, status_of
 from service.responses import ChainHead, Receipt, receipt
 from service.security import ACTOR

@@ -283,6 +283,7 @@ async def model(services: ServicesDependency) -> ModelDescription:
 async def metrics(services: ServicesDependency) -> bytes:
     try:
         await services.refresh_lag()
+        await services.refresh_quality()
     except DatabaseUnavailable:
         pass  # the scrape still answers; the gauges keep their last values
     return services.metrics.render()

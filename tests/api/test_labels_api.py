@@ -204,6 +204,14 @@ def test_models_and_their_quality_now_and_as_of_an_earlier_position(client):
     assert body["drift"]["measures"]["predicted_class_psi"] is not None
     assert body["confusion"][wrong_label][made[1]["likely_class"]] >= 1
 
+    metrics = {line.split(" ")[0]: float(line.split(" ")[1]) for line in client.get("/metrics").text.splitlines()
+               if line.startswith("model_")}
+    labels = 'model="mnist_convnet",version="1.0.0"'
+    for window in ("hour", "day"):
+        assert metrics[f'model_accuracy{{{labels},window="{window}"}}'] == pytest.approx(report["accuracy"])
+        assert metrics[f'model_label_coverage{{{labels},window="{window}"}}'] == pytest.approx(report["label_coverage"])
+    assert metrics[f"model_predicted_class_psi{{{labels}}}"] == pytest.approx(0.0, abs=1e-9)  # today is day one
+
     earlier = client.get(f"/models/{sha}/quality", params={"as_of": before_wrong}).json()
     assert earlier["as_of_position"] == before_wrong
     assert earlier["report"]["labelled"] == report["labelled"] - 1  # the wrong label came later
