@@ -171,26 +171,30 @@ async def registration(connection: asyncpg.Connection, sha256: str) -> tuple[Mod
     return (event, row["position"], row["recorded_at"]) if isinstance(event, ModelRegistered) else None
 
 
-async def models(connection: asyncpg.Connection) -> list[ModelEntry]:
-    """Every registered model, oldest registration first, with how it has been used."""
+async def models(connection: asyncpg.Connection, sha256: str | None = None) -> list[ModelEntry]:
+    """Every registered model (or the one named), oldest registration first, with its use: the
+    counts from the kept quality cells, the first and last use from the predictions' index."""
     rows = await connection.fetch(
         """
-        WITH registered AS (
-            SELECT e.event_type, e.schema_version, e.data, e.position, e.recorded_at,
-                   e.data::jsonb -> 'model' ->> 'sha256' AS sha256
-            FROM events AS e WHERE e.event_type = 'ModelRegistered'
-        ), used AS (
-            SELECT model_sha256, count(*) FILTER (WHERE status = 'made') AS predictions,
-                   count(*) FILTER (WHERE status = 'failed') AS failed,
-                   count(*) FILTER (WHERE label IS NOT NULL) AS labelled,
-                   min(recorded_at) AS first_used, max(recorded_at) AS last_used
-            FROM public.predictions GROUP BY model_sha256
-        )
-        SELECT r.*, coalesce(u.predictions, 0) AS predictions, coalesce(u.failed, 0) AS failed,
-               coalesce(u.labelled, 0) AS labelled, u.first_used, u.last_used
-        FROM registered AS r LEFT JOIN used AS u ON u.model_sha256 = r.sha256
+        SELECT r.event_type, r.schema_version, r.data, r.position, r.recorded_at,
+               coalesce(c.predictions, 0) AS predictions, coalesce(c.failed, 0) AS failed,
+               coalesce(c.labelled, 0) AS labelled, u.first_used, u.last_used
+        FROM (SELECT e.*, e.data::jsonb -> 'model' ->> 'sha256' AS sha256
+              FROM events AS e WHERE e.event_type = 'ModelRegistered') AS r
+        LEFT JOIN LATERAL (
+            SELECT sum(n) FILTER (WHERE status = 'made')::bigint AS predictions,
+                   sum(n) FILTER (WHERE status = 'failed')::bigint AS failed,
+                   sum(n) FILTER (WHERE status = 'made' AND truth <> -1)::bigint AS labelled
+            FROM public.quality_cells WHERE model_sha256 = r.sha256
+        ) AS c ON true
+        LEFT JOIN LATERAL (
+            SELECT (SELECT min(recorded_at) FROM public.predictions WHERE model_sha256 = r.sha256) AS first_used,
+                   (SELECT max(recorded_at) FROM public.predictions WHERE model_sha256 = r.sha256) AS last_used
+        ) AS u ON true
+        WHERE $1::text IS NULL OR r.sha256 = $1
         ORDER BY r.position
-        """
+        """,
+        sha256,
     )
     entries = []
     for row in rows:

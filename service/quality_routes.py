@@ -122,7 +122,7 @@ async def model_quality(
             connection, sha256, k, position=position, current=current, since=reference_since,
             until=reference_until, bucket="day",
         ), k)
-        entry = next(m for m in await quality.models(connection) if m.sha256 == sha256)
+        (entry,) = await quality.models(connection, sha256)
     counts = quality.total(buckets, k)
     return ModelQuality(
         model=entry, as_of_position=position, window=Window(since=_shown(since), until=_shown(until)),

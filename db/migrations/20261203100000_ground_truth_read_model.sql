@@ -77,6 +77,9 @@ BEGIN
     -- `labelled=true` lists newest first.
     EXECUTE format('CREATE INDEX predictions_labelled_idx ON %1$I.predictions (position) WHERE label IS NOT NULL',
                    target_schema);
+    -- A model's first and last use (GET /models/, the drift reference's default day).
+    EXECUTE format('CREATE INDEX predictions_model_recorded_at_idx ON %1$I.predictions (model_sha256, recorded_at)',
+                   target_schema);
 END
 $function$;
 
@@ -155,11 +158,15 @@ $function$;
 ALTER TABLE public.predictions ADD COLUMN label integer, ADD COLUMN labelled_at bigint;
 SELECT read_model_create_ground_truth('public');
 CREATE INDEX predictions_labelled_idx ON public.predictions (position) WHERE label IS NOT NULL;
+CREATE INDEX predictions_model_recorded_at_idx ON public.predictions (model_sha256, recorded_at);
+-- Every model the service has served, without a scan of the log.
+CREATE INDEX events_model_registrations_idx ON events (position) WHERE event_type = 'ModelRegistered';
 REVOKE ALL ON FUNCTION read_model_create_ground_truth(text) FROM PUBLIC;
 
 -- migrate:down
 
 DROP TABLE public.labels, public.quality_cells;
 DROP FUNCTION read_model_create_ground_truth(text);
-DROP INDEX public.predictions_labelled_idx;
+DROP INDEX public.predictions_labelled_idx, public.predictions_model_recorded_at_idx,
+    public.events_model_registrations_idx;
 ALTER TABLE public.predictions DROP COLUMN label, DROP COLUMN labelled_at;
