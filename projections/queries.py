@@ -20,7 +20,7 @@ import msgspec
 
 from db.store import StoredEvent
 from domain.labels import is_correct
-from projections.read_model import TRACKING_TABLE, READ_MODEL
+from projections.read_model import READ_MODEL, TRACKING_TABLE
 from projections.rows import (
     InputRow,
     LabelRow,

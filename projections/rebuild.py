@@ -25,9 +25,9 @@ import msgspec
 from db.sql import quote_ident
 from projections.bulk import BulkWriter, pages, pipeline
 from projections.read_model import (
-    TRACKING_TABLE,
     LIVE_SCHEMA,
     READ_MODEL,
+    TRACKING_TABLE,
     PreparedBatch,
     ReadModelWriter,
 )

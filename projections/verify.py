@@ -23,9 +23,9 @@ from db.store import read_events
 from domain.chain import GENESIS_HASH, ChainBreak, find_break
 from projections.bulk import BulkWriter, pipeline
 from projections.read_model import (
-    TRACKING_TABLE,
     LIVE_SCHEMA,
     READ_MODEL,
+    TRACKING_TABLE,
     PreparedBatch,
 )
 from projections.rows import EventFields, fields_of

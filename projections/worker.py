@@ -21,11 +21,11 @@ import asyncpg
 
 from db.store import NOTIFY_CHANNEL
 from projections.read_model import (
-    TRACKING_TABLE,
     LIVE_SCHEMA,
     READ_MODEL,
-    TrackingMoved,
+    TRACKING_TABLE,
     ReadModelWriter,
+    TrackingMoved,
     project_batch,
 )
 
