@@ -22,12 +22,12 @@ setup:
 # serve on HOST:PORT (default 127.0.0.1:8000), with the projection worker as a child process; embedded PostgreSQL unless DATABASE_URL is set
 [group('run')]
 serve: setup
-    {{run}} python -m service
+    {{run}} python -m cli serve
 
 # run a projection worker on its own (one active per projection, others stand by; pair with PROJECTIONS=off on the service)
 [group('run')]
 project: setup
-    {{run}} python -m projections run
+    {{run}} python -m cli project
 
 # run the test suite (embedded PostgreSQL unless DATABASE_URL is set); extra args go to pytest
 [group('test')]
@@ -38,24 +38,36 @@ test *ARGS: setup
 # rebuild the read tables from position 0 and swap them in while the API keeps answering
 [group('audit')]
 rebuild: setup
-    {{run}} python -m projections rebuild
+    {{run}} python -m cli rebuild
 
 # verify the hash chain, the outside checkpoints and the read tables (exit 1 names the first difference)
 [group('audit')]
 [positional-arguments]
 verify *ARGS: setup
-    {{run}} python -m projections verify "$@"
+    {{run}} python -m cli verify "$@"
 
 # print events as NDJSON (e.g. `just replay --after 100`)
 [group('audit')]
 [positional-arguments]
 replay *ARGS: setup
-    {{run}} python -m projections replay "$@"
+    {{run}} python -m cli replay "$@"
 
 # re-run the recorded model on the stored bytes of a prediction and compare
 [group('audit')]
 reproduce ID: setup
-    {{run}} python -m service.reproduce {{ID}}
+    {{run}} python -m cli reproduce {{ID}}
+
+# send labels from a CSV (prediction_id,label[,source,note]) or NDJSON file to the running service, in batches
+[group('audit')]
+[positional-arguments]
+labels-import FILE *ARGS: setup
+    {{run}} python -m cli labels-import "$@"
+
+# each served model's quality against its current labels: a table and the confusion matrix (optionally one model, by sha256 prefix)
+[group('audit')]
+[positional-arguments]
+quality *ARGS: setup
+    {{run}} python -m cli quality "$@"
 
 # retrain the default model from a local .npz (`--online` uses Keras' MNIST download instead)
 [group('model')]
@@ -78,4 +90,4 @@ bench *ARGS: setup
 [group('audit')]
 [positional-arguments]
 erase DIGEST *ARGS: setup
-    {{run}} python -m service.erase "$@"
+    {{run}} python -m cli erase "$@"

@@ -2,7 +2,7 @@
 
     python bench/http_ceiling_app.py --port 8002
 
-Same Litestar app settings and uvicorn settings as `python -m service` (uvloop, httptools, no
+Same Litestar app settings and uvicorn settings as `python -m cli serve` (uvloop, httptools, no
 access log), the same request-id/metrics middleware (`service.observability.Observed`), the same
 route signature (guard, `Idempotency-Key` header, `filename` query) and the same body reading
 (`service.uploads.read_body` + `parse_upload`: multipart or raw). It then answers 201 with a body

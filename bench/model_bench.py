@@ -49,19 +49,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=REPO / "saved_model" / "mnist_convnet.keras")
     parser.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZES)))
-    parser.add_argument("--threads", type=int, help="intra-op threads (sets INFERENCE_THREADS)")
+    parser.add_argument("--threads", type=int, default=1, help="TensorFlow intra-op threads")
     parser.add_argument("--min-seconds", type=float, default=1.0, help="time spent per batch size")
     parser.add_argument("--min-calls", type=int, default=20)
     parser.add_argument("--predict", action="store_true", help="also time model.predict at batch 1")
     args = parser.parse_args()
     sizes = [int(size) for size in args.sizes.split(",")]
-    if args.threads:
-        os.environ["INFERENCE_THREADS"] = str(args.threads)
 
     from domain.preprocessing import PreprocessSpec, preprocess
-    from service.model import load_model
+    from inference.keras_model import load_model
 
-    model = load_model(args.model, max_batch=max(sizes))
+    model = load_model(args.model, max_batch=max(sizes), threads=args.threads)
     info = model.info
     model.warm_up(sizes)
     import tensorflow as tf

@@ -2,7 +2,7 @@
 
     python bench/model_ceiling.py --sizes 1,2,4,8,16,32,64 [--min-seconds 0.6]
 
-The same loading, serving function and thread settings as the service (`service.model`), timed
+The same loading, serving function and thread settings as the service (`inference.keras_model`), timed
 with bench/model_bench.py's `timed_calls`. Prints one JSON object: per batch size the median and
 p90 seconds per call and images/s at the median.
 """
@@ -33,7 +33,7 @@ def main() -> None:
     args = parser.parse_args()
     sizes = [int(size) for size in args.sizes.split(",")]
 
-    from service.model import load_model
+    from inference.keras_model import load_model
 
     model = load_model(args.model, max_batch=max(sizes))
     model.warm_up(sizes)

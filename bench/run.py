@@ -14,9 +14,9 @@ PostgreSQL in a temporary folder), prints and writes to BENCHMARKS.md (between i
    psycopg) at the same loads, and the ratio ours/reference.
 3. The ceilings: the model alone by batch size (bench/model_ceiling.py) and the HTTP stack on the
    same uploads without inference or storage (bench/http_ceiling_app.py).
-4. Projection lag per event during the highest-load run (the checkpoint is sampled every 10 ms;
-   an event's lag is the first sample whose checkpoint covers it minus its `recorded_at`, both
-   on the database's clock), and `python -m projections rebuild` on the database the run produced.
+4. Projection lag per event during the highest-load run (the projection's tracked position is sampled every 10 ms;
+   an event's lag is the first sample whose tracked position covers it minus its `recorded_at`, both
+   on the database's clock), and `python -m cli rebuild` on the database the run produced.
 5. Durability: every prediction_id wrk got a 201 for is a `PredictionMade` in the event table.
 
 The three servers run side by side and the loads are interleaved (ours, reference, ceiling at
@@ -155,14 +155,14 @@ def process_tree(pid: int) -> list[int]:
 
 
 def http_processes(pid: int) -> list[int]:
-    """The tree without the projection worker that `python -m service` starts as its child."""
+    """The tree without the projection worker that `python -m cli serve` starts as its child."""
     def is_projection_worker(candidate: int) -> bool:
         try:
             with open(f"/proc/{candidate}/cmdline", "rb") as handle:
                 argv = handle.read().split(b"\0")
         except OSError:
             return False
-        return b"projections" in argv and b"run" in argv
+        return b"cli" in argv and b"project" in argv
     return [p for p in process_tree(pid) if not is_projection_worker(p)]
 
 
@@ -384,7 +384,7 @@ def inside_numbers(before: dict[str, float], after: dict[str, float]) -> dict[st
 
 
 class LagSampler:
-    """Samples (database clock, checkpoint, head) every `interval_s` on its own connection."""
+    """Samples (database clock, tracked position, head) every `interval_s` on its own connection."""
 
     def __init__(self, dsn: str, interval_s: float = 0.010) -> None:
         self.dsn = dsn
@@ -397,7 +397,7 @@ class LagSampler:
         self._connection: asyncpg.Connection | None = None
 
     _SQL = """SELECT clock_timestamp() AS at,
-                     (SELECT position FROM projection_checkpoints WHERE name = 'read_model') AS checkpoint,
+                     (SELECT position FROM projection_tracking WHERE name = 'read_model') AS tracked,
                      (SELECT coalesce(max(position), 0) FROM events) AS head"""
 
     async def start(self) -> None:
@@ -411,12 +411,12 @@ class LagSampler:
         deadline = None
         while True:
             row = await self._connection.fetchrow(self._SQL)
-            self.samples.append((row["at"], row["checkpoint"], row["head"]))
+            self.samples.append((row["at"], row["tracked"], row["head"]))
             if self._stopping.is_set():
                 if deadline is None:  # the load has ended: the last event is the head now
                     self.last_position = row["head"]
                     deadline = time.monotonic() + 30
-                if row["checkpoint"] >= self.last_position or time.monotonic() > deadline:
+                if row["tracked"] >= self.last_position or time.monotonic() > deadline:
                     return
             await asyncio.sleep(self.interval_s)
 
@@ -522,7 +522,7 @@ def rebuild_speed(owner_dsn: str) -> dict[str, Any]:
     env = {**os.environ, "DATABASE_URL": owner_dsn, "PYTHONPATH": str(REPO), "LOG_LEVEL": "WARNING"}
     env.pop("APP_DATABASE_URL", None)
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "projections", "rebuild"], cwd=REPO, env=env,
+    done = subprocess.run([sys.executable, "-m", "cli", "rebuild"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
     wall = time.perf_counter() - started
     match = re.search(r"rebuilt (\d+) events .*? in ([\d.]+) s \(([\d,]+|inf) events/s\)", done.stdout)
@@ -638,7 +638,7 @@ def _short(frame: str) -> str:
 
 async def lag_summary(sampler: LagSampler) -> dict[str, Any]:
     lags = await sampler.per_event_lag_ms()
-    behind = [head - checkpoint for _, checkpoint, head in sampler.samples]
+    behind = [head - tracked for _, tracked, head in sampler.samples]
     if not lags:
         return {}
     return {
@@ -798,8 +798,8 @@ def report(result: dict[str, Any]) -> str:
     if lag.get("events"):
         add(f"Per event, over {lag['events']:,} events: p50 {lag['p50_ms']:.0f} ms, p90 {lag['p90_ms']:.0f} ms, "
             f"p99 {lag['p99_ms']:.0f} ms, max {lag['max_ms']:.0f} ms (from `recorded_at`, taken under the append "
-            f"lock before COMMIT, to the first 10 ms sample of `projection_checkpoints` that covers the event; "
-            f"{lag['samples']:,} samples). Events behind (head − checkpoint) in the samples: "
+            f"lock before COMMIT, to the first 10 ms sample of `projection_tracking` that covers the event; "
+            f"{lag['samples']:,} samples). Events behind (head − tracked position) in the samples: "
             f"p50 {lag['behind_p50']:.0f}, p99 {lag['behind_p99']:.0f}, max {lag['behind_max']:.0f}."
             + (f" {lag['unobserved']} events were not projected within 30 s of the end." if lag.get("unobserved") else ""))
     else:
@@ -809,11 +809,11 @@ def report(result: dict[str, Any]) -> str:
     add("### Rebuild")
     add("")
     if rebuild.get("events_per_s"):
-        add(f"`python -m projections rebuild` on the database this run produced: {rebuild['events']:,} events "
+        add(f"`python -m cli rebuild` on the database this run produced: {rebuild['events']:,} events "
             f"rebuilt in {rebuild['build_s']:.2f} s, **{rebuild['events_per_s']:,.0f} events/s** "
             f"({rebuild['wall_s']:.1f} s for the whole command, start-up included).")
     else:
-        add(f"`python -m projections rebuild` failed: {rebuild.get('error', rebuild.get('output'))!r}")
+        add(f"`python -m cli rebuild` failed: {rebuild.get('error', rebuild.get('output'))!r}")
     add("")
     d = result["durability"]
     add("### Durability check")

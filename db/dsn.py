@@ -23,13 +23,6 @@ def database_name(dsn: str) -> str:
     return unquote(urlsplit(dsn).path.lstrip("/")) or "postgres"
 
 
-def user_name(dsn: str) -> str:
-    netloc = urlsplit(dsn).netloc
-    if "@" not in netloc:
-        return "postgres"
-    return unquote(netloc.rpartition("@")[0].partition(":")[0]) or "postgres"
-
-
 def dbmate_url(dsn: str) -> str:
     """dbmate (lib/pq) spells a socket directory `socket=` where libpq spells it `host=`."""
     parts = urlsplit(dsn)

@@ -11,7 +11,13 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-from db.store import AppendOutcome, AppendRejected, AppendRequest, DatabaseUnavailable, EventStore
+from db.store import (
+    AppendOutcome,
+    AppendRejected,
+    AppendRequest,
+    DatabaseUnavailable,
+    EventStore,
+)
 
 log = logging.getLogger(__name__)
 

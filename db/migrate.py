@@ -17,6 +17,7 @@ from pathlib import Path
 import asyncpg
 
 from db.dsn import database_name, dbmate_url, with_database
+from db.sql import quote_ident
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +46,8 @@ async def ensure_database(admin_dsn: str) -> None:
     try:
         exists = await connection.fetchval("SELECT true FROM pg_database WHERE datname = $1", name)
         if not exists:
-            quoted = '"' + name.replace('"', '""') + '"'
             try:
-                await connection.execute(f"CREATE DATABASE {quoted} ENCODING 'UTF8' TEMPLATE template0")
+                await connection.execute(f"CREATE DATABASE {quote_ident(name)} ENCODING 'UTF8' TEMPLATE template0")
             except asyncpg.DuplicateDatabaseError:
                 pass  # another process created it first
     finally:

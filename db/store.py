@@ -20,7 +20,14 @@ import asyncpg
 import msgspec
 
 from domain.chain import GENESIS_HASH, ChainedRecord, to_microseconds
-from domain.events import SCHEMA_VERSIONS, Event, decode_event, encode_event, encode_metadata, event_type
+from domain.events import (
+    SCHEMA_VERSIONS,
+    Event,
+    decode_event,
+    encode_event,
+    encode_metadata,
+    event_type,
+)
 
 APPEND_LOCK_KEY = 0x61756474  # "audt"; append_events (db/migrations) takes the same lock
 NOTIFY_CHANNEL = "audit_events"
@@ -120,9 +127,20 @@ class AppendRejected(AppendError):
     """PostgreSQL refused this request's rows (e.g. a value it cannot store)."""
 
 
+class NotApplied(AppendError):
+    """An all-or-nothing group was rolled back because another of its requests was refused."""
+
+
+class _RollBack(Exception):
+    """Raised inside the transaction of an all-or-nothing group to undo it."""
+
+
 AppendOutcome = Committed | Replayed | AppendError | DatabaseUnavailable
 
-_EVENT_COLUMNS = "position, stream_id, stream_version, event_type, schema_version, data, metadata, recorded_at, hash"
+# Every column of an event, in StoredEvent's field order.
+EVENT_COLUMNS = "position, stream_id, stream_version, event_type, schema_version, data, metadata, recorded_at, hash"
+_AFTER_SQL = "SELECT {columns} FROM events WHERE position > $1 AND position <= $3 ORDER BY position LIMIT $2"
+_LAST_POSITION = 2**63 - 1
 
 _HEAD_SQL = "SELECT position, hash FROM events ORDER BY position DESC LIMIT 1"
 
@@ -133,6 +151,7 @@ _APPEND_SQL = "SELECT * FROM append_events($1, $2, $3, $4, $5, $6, $7, $8, $9, $
 
 
 def stored_event(row: asyncpg.Record) -> StoredEvent:
+    """An event from a row that has its columns by name (in any order)."""
     return StoredEvent(
         position=row["position"],
         stream_id=row["stream_id"],
@@ -146,6 +165,28 @@ def stored_event(row: asyncpg.Record) -> StoredEvent:
     )
 
 
+async def fetch_events_after(
+    connection: asyncpg.Connection | asyncpg.Pool,
+    after: int,
+    limit: int,
+    *,
+    up_to: int | None = None,
+    columns: str = EVENT_COLUMNS,
+) -> list[asyncpg.Record]:
+    """The events after position `after` (and at most `up_to`), in position order: the one
+    query for reading the log forward, whatever subset of the columns a reader needs."""
+    return await connection.fetch(
+        _AFTER_SQL.format(columns=columns), after, limit, _LAST_POSITION if up_to is None else up_to
+    )
+
+
+async def read_events(
+    connection: asyncpg.Connection | asyncpg.Pool, after: int, limit: int, *, up_to: int | None = None
+) -> list[StoredEvent]:
+    """Whole events after `after`, in position order."""
+    return [StoredEvent(*row) for row in await fetch_events_after(connection, after, limit, up_to=up_to)]
+
+
 class EventStore:
     """Reads and group appends over an asyncpg pool (as the service's non-superuser role)."""
 
@@ -154,16 +195,21 @@ class EventStore:
 
     # ---- appends -------------------------------------------------------------------------
 
-    async def append(self, requests: Sequence[AppendRequest]) -> list[AppendOutcome]:
-        """Append a group of requests in one transaction; one outcome per request, in order."""
+    async def append(self, requests: Sequence[AppendRequest], *, all_or_nothing: bool = False) -> list[AppendOutcome]:
+        """Append a group of requests in one transaction; one outcome per request, in order.
+
+        By default each request stands alone (a conflict fails only its own request). With
+        `all_or_nothing`, any refused request rolls the whole group back: the others answer
+        `NotApplied` (a bulk import whose idempotency key turns out to be taken must leave no trace).
+        """
         try:
-            return await self._append_in_one_transaction(requests)
+            return await self._append_in_one_transaction(requests, all_or_nothing=all_or_nothing)
         except CONNECTION_ERRORS as error:
             unavailable = DatabaseUnavailable(f"database unavailable: {error}")
             return [unavailable for _ in requests]
         except asyncpg.PostgresError as error:
-            if len(requests) == 1:
-                return [AppendRejected(f"the database refused the append: {error}")]
+            if len(requests) == 1 or all_or_nothing:
+                return [AppendRejected(f"the database refused the append: {error}") for _ in requests]
         # Something in the group was refused as a whole: retry each request alone so that only
         # the culprit fails.
         outcomes: list[AppendOutcome] = []
@@ -171,7 +217,9 @@ class EventStore:
             outcomes.extend(await self.append([request]))
         return outcomes
 
-    async def _append_in_one_transaction(self, requests: Sequence[AppendRequest]) -> list[AppendOutcome]:
+    async def _append_in_one_transaction(
+        self, requests: Sequence[AppendRequest], *, all_or_nothing: bool = False
+    ) -> list[AppendOutcome]:
         outcomes: list[AppendOutcome | None] = [None] * len(requests)
         # Encode before the round trip: a value that cannot be encoded fails its own request only.
         sent: list[tuple[int, list[tuple[str, int, str]], str]] = []
@@ -184,8 +232,8 @@ class EventStore:
                 sent.append((index, events, encode_metadata(request.metadata)))
             except (TypeError, ValueError, KeyError, msgspec.EncodeError) as error:
                 outcomes[index] = AppendRejected(f"the events cannot be encoded: {error}")
-        if not sent:
-            return outcomes  # type: ignore[return-value]
+        if not sent or (all_or_nothing and len(sent) < len(requests)):
+            return [outcome or NotApplied("the group was not appended") for outcome in outcomes]
 
         stream_ids, expected, keys, fingerprints, metadata, counts = [], [], [], [], [], []
         types, schema_versions, data = [], [], []
@@ -210,23 +258,31 @@ class EventStore:
                      blob_requests, blob_digests, blob_contents)
         erasures = [digest for index, _, _ in sent for digest in requests[index].erase_blobs]
 
+        rolled_back = False
         async with self.pool.acquire() as connection:
-            if not erasures:
+            if not erasures and not all_or_nothing:
                 rows = await connection.fetch(_APPEND_SQL, *arguments)
             else:
-                async with connection.transaction():
-                    rows = await connection.fetch(_APPEND_SQL, *arguments)
-                    for digest in erasures:
-                        # The blob table's DELETE trigger lets through exactly the blob named here.
-                        await connection.execute("SELECT set_config('audit.erasing_blob', $1, true)", digest.hex())
-                        await connection.execute("DELETE FROM blobs WHERE sha256 = $1", digest)
+                try:
+                    async with connection.transaction():
+                        rows = await connection.fetch(_APPEND_SQL, *arguments)
+                        if all_or_nothing and any(row["outcome"] != "committed" for row in rows):
+                            raise _RollBack()
+                        for digest in erasures:
+                            # The blob table's DELETE trigger lets through exactly the blob named here.
+                            await connection.execute("SELECT set_config('audit.erasing_blob', $1, true)", digest.hex())
+                            await connection.execute("DELETE FROM blobs WHERE sha256 = $1", digest)
+                except _RollBack:
+                    rolled_back = True
 
         # Committed: only now may anyone be told.
         committed: list[tuple[int, list[StoredEvent]]] = []
         for row, (index, events, encoded_metadata) in zip(rows, sent, strict=True):
             request = requests[index]
             outcome = row["outcome"]
-            if outcome == "committed":
+            if outcome == "committed" and rolled_back:
+                outcomes[index] = NotApplied("rolled back with its group, which another request's refusal undid")
+            elif outcome == "committed":
                 first_version = row["stream_version"] - len(events)
                 stored = [
                     StoredEvent(
@@ -260,16 +316,42 @@ class EventStore:
     # ---- reads (a connection failure surfaces as DatabaseUnavailable) -------------------
 
     async def read_all(self, after: int = 0, limit: int = 1000) -> list[StoredEvent]:
-        rows = await self._fetch(
-            f"SELECT {_EVENT_COLUMNS} FROM events WHERE position > $1 ORDER BY position LIMIT $2", after, limit
-        )
-        return [stored_event(row) for row in rows]
+        try:
+            return await read_events(self.pool, after, limit)
+        except CONNECTION_ERRORS as error:
+            raise DatabaseUnavailable(f"database unavailable: {error}") from error
 
     async def read_stream(self, stream_id: uuid.UUID) -> list[StoredEvent]:
         rows = await self._fetch(
-            f"SELECT {_EVENT_COLUMNS} FROM events WHERE stream_id = $1 ORDER BY stream_version", stream_id
+            f"SELECT {EVENT_COLUMNS} FROM events WHERE stream_id = $1 ORDER BY stream_version", stream_id
         )
         return [stored_event(row) for row in rows]
+
+    async def read_streams(self, stream_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, list[StoredEvent]]:
+        """Several streams at once, each in stream order (unknown ids are absent)."""
+        rows = await self._fetch(
+            f"SELECT {EVENT_COLUMNS} FROM events WHERE stream_id = ANY($1::uuid[]) ORDER BY stream_id, stream_version",
+            list(stream_ids),
+        )
+        streams: dict[uuid.UUID, list[StoredEvent]] = {}
+        for row in rows:
+            event = StoredEvent(*row)
+            streams.setdefault(event.stream_id, []).append(event)
+        return streams
+
+    async def find_events(self, places: Sequence[tuple[uuid.UUID, int]]) -> dict[tuple[uuid.UUID, int], StoredEvent]:
+        """Events by (stream id, stream version)."""
+        rows = await self._fetch(
+            f"SELECT {EVENT_COLUMNS} FROM events WHERE (stream_id, stream_version) IN"
+            " (SELECT * FROM unnest($1::uuid[], $2::int[]))",
+            [stream for stream, _ in places], [version for _, version in places],
+        )
+        return {(event.stream_id, event.stream_version): event for event in (StoredEvent(*row) for row in rows)}
+
+    async def stream_head(self, stream_id: uuid.UUID) -> int:
+        """The position of the stream's latest event (0 for an unknown stream)."""
+        rows = await self._fetch("SELECT coalesce(max(position), 0) AS position FROM events WHERE stream_id = $1", stream_id)
+        return rows[0]["position"]
 
     async def head(self) -> tuple[int, bytes]:
         rows = await self._fetch(_HEAD_SQL)
@@ -303,7 +385,7 @@ def append_settings(*, lock_timeout_ms: int, statement_timeout_ms: int, idle_tim
         "idle_in_transaction_session_timeout": str(idle_timeout_ms),
         "synchronous_commit": "on",
         # asyncpg prepares every statement; after five runs PostgreSQL may switch to a generic
-        # plan chosen while the tables were empty (a scan), and keep it as they grow (measured:
-        # server CPU per request 0.75 ms at 3k events, 21 ms at 104k, with autovacuum off).
+        # plan chosen while the tables were empty (a scan), and keep it as they grow
+        # (BENCHMARKS.md, "Decisions": server CPU per request grew 28-fold by 104k events).
         "plan_cache_mode": "force_custom_plan",
     }

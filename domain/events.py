@@ -85,7 +85,50 @@ class BlobErased(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     reason: str
 
 
-Event = Union[PredictionRequested, PredictionMade, PredictionFailed, ModelRegistered, BlobErased]
+class GroundTruthRecorded(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    """What the right answer for this prediction was, as someone established it later. A
+    correction is simply a newer one: the latest recorded and not withdrawn label is current."""
+
+    label: int
+    source: str  # where the label comes from, e.g. the labelling batch
+    note: str | None = None
+    actor: str | None = None  # the API key's name when keys are configured
+
+
+class GroundTruthWithdrawn(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    """The current label no longer holds; the prediction is unlabelled until a new one comes."""
+
+    reason: str
+    actor: str | None = None
+
+
+class LabelBatchItem(msgspec.Struct, frozen=True, kw_only=True):
+    index: int  # in the request
+    prediction_id: str | None  # None: the item did not name one that parses
+    stream_version: int | None = None  # accepted: where its GroundTruthRecorded is
+    code: str | None = None  # refused: why (a problem type's code)
+    detail: str | None = None
+
+
+class LabelBatchRecorded(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    """A bulk label request, in a stream of its own, appended in the same transaction as the
+    labels it accepted: what became of each item, so a retry with the same Idempotency-Key gets
+    the first answer and the import itself is on the record."""
+
+    items: list[LabelBatchItem]
+    actor: str | None = None
+
+
+Event = Union[
+    PredictionRequested,
+    PredictionMade,
+    PredictionFailed,
+    ModelRegistered,
+    BlobErased,
+    GroundTruthRecorded,
+    GroundTruthWithdrawn,
+    LabelBatchRecorded,
+]
 
 EVENT_TYPES: dict[str, type] = {cls.__name__: cls for cls in Event.__args__}  # type: ignore[attr-defined]
 

@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
-
 import msgspec
 
 from domain.events import (
     Event,
-    ImageFacts,
     ModelRef,
     PredictionFailed,
     PredictionMade,
     PredictionRequested,
 )
-from domain.model_port import ModelInfo, likely_class
+from domain.model_port import ModelInfo, is_finite, likely_class
 from domain.preprocessing import Preprocessed
 from domain.uploads import Upload
 
@@ -55,14 +51,14 @@ def prediction_events(
         size_bytes=len(upload.content),
         filename=upload.filename,
         content_type=upload.content_type,
-        image=ImageFacts(**msgspec.structs.asdict(preprocessed.image)),
+        image=preprocessed.image,
         preprocessing=msgspec.to_builtins(preprocessed.spec),
         tensor_sha256=preprocessed.tensor_sha256,
         model=ref,
         idempotency_key=idempotency_key,
     )
     output = result.output
-    if output is None or not _finite(output):
+    if output is None or not is_finite(output):
         return [
             requested,
             PredictionFailed(
@@ -85,6 +81,3 @@ def prediction_events(
     )
     return [requested, made]
 
-
-def _finite(values: Sequence[float]) -> bool:
-    return all(math.isfinite(v) for v in values)

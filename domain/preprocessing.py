@@ -6,11 +6,12 @@ recompute it bit for bit from the stored original and compare its sha256 with th
 Pipeline, in this order:
 
 1. Open with an allow-list of formats (`PreprocessSpec.formats`). Bytes no allowed decoder
-   recognises are refused with 415; bytes that carry an allowed format's signature but do not
-   parse are refused with 422.
+   recognises are refused as `unsupported_format`; bytes that carry an allowed format's signature
+   but do not parse are refused as `undecodable_image`.
 2. Check width * height against `max_pixels` *before* decoding (Pillow itself only raises at
-   twice its own limit), and refuse zero-sized images. Both 422. A WebP's declared size is
-   checked before Pillow even opens it: its decoder allocates the canvas while opening.
+   twice its own limit), and refuse zero-sized images (`image_too_large`, `empty_image`). A
+   WebP's declared size is checked before Pillow even opens it: its decoder allocates the canvas
+   while opening.
 3. Decode the first frame only (animated GIF/PNG/WebP, multi-page TIFF).
 4. Apply the EXIF orientation tag, so the tensor shows the picture the way a viewer shows it.
 5. Normalise the pixel data to 8 bits per channel:
@@ -53,6 +54,9 @@ import msgspec
 import numpy as np
 from PIL import ExifTags, Image, UnidentifiedImageError
 
+from domain.events import ImageFacts
+from domain.rejections import Rejected
+
 RESAMPLING: Final[dict[str, Image.Resampling]] = {
     "nearest": Image.Resampling.NEAREST,
     "box": Image.Resampling.BOX,
@@ -67,8 +71,8 @@ SCALES: Final = ("divide_255",)
 MEMORY_BUDGET_BYTES: Final = 256 * 1024 * 1024
 WORST_BYTES_PER_PIXEL: Final = 16  # an RGBA WebP; PNG, TIFF, BMP, GIF and JPEG take about 8 at most
 
-# Leading bytes of the formats we may allow: they tell "an allowed format, but broken" (422) from
-# "not an allowed image at all" (415) when Pillow cannot identify the bytes, and give a stored
+# Leading bytes of the formats we may allow: they tell "an allowed format, but broken" from
+# "not an allowed image at all" when Pillow cannot identify the bytes, and give a stored
 # original its Content-Type.
 _SIGNATURES: Final[dict[str, tuple[bytes, ...]]] = {
     "PNG": (b"\x89PNG\r\n\x1a\n",),
@@ -112,34 +116,11 @@ class PreprocessSpec(msgspec.Struct, frozen=True):
             raise ValueError(f"formats must be Pillow format names, unknown: {unknown}")
 
 
-class ImageInfo(msgspec.Struct, frozen=True):
-    """What the upload was, as Pillow saw it before any conversion."""
-
-    format: str
-    mode: str
-    width: int
-    height: int
-    frames: int
-
-
 class Preprocessed(msgspec.Struct):
     array: np.ndarray  # float32 (H, W, C), C-contiguous
     tensor_sha256: str
-    image: ImageInfo
+    image: ImageFacts
     spec: PreprocessSpec
-
-
-class ImageRejected(Exception):
-    """The upload is not an image this service accepts. `status` is the HTTP status to answer."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-
-    def __repr__(self) -> str:
-        return f"ImageRejected({self.status}, {self.code!r}, {self.message!r})"
 
 
 def tensor_digest(array: np.ndarray) -> str:
@@ -167,13 +148,13 @@ class OpenedImage:
 def preprocess(data: bytes, spec: PreprocessSpec) -> Preprocessed:
     """Decode, normalise and resize `data` for a model described by `spec`.
 
-    Raises ImageRejected (415 or 422) for anything that is not an acceptable image.
+    Raises Rejected for anything that is not an acceptable image.
     """
     return decode_opened(open_image(data, spec), spec)
 
 
 def open_image(data: bytes, spec: PreprocessSpec) -> OpenedImage:
-    """Steps 1 and 2: identify the format and check the declared size. Raises ImageRejected."""
+    """Steps 1 and 2: identify the format and check the declared size. Raises Rejected."""
     declared = _webp_canvas_size(data) if "WEBP" in (name.upper() for name in spec.formats) else None
     if declared is not None:
         _check_size(*declared, spec)
@@ -187,21 +168,19 @@ def open_image(data: bytes, spec: PreprocessSpec) -> OpenedImage:
 
 
 def decode_opened(opened: OpenedImage, spec: PreprocessSpec) -> Preprocessed:
-    """Steps 3 to 9 on an image from `open_image`, which this closes. Raises ImageRejected."""
+    """Steps 3 to 9 on an image from `open_image`, which this closes. Raises Rejected."""
     image = opened.image
     with image:
         info = _describe(image, opened.width, opened.height)
         try:
             image.seek(0)
             pixels = _to_model_pixels(image, spec)
-        except ImageRejected:
+        except Rejected:
             raise
         except MemoryError:
             raise
         except Exception as exc:  # noqa: BLE001 - any decoder failure here is caused by the bytes
-            raise ImageRejected(
-                422, "undecodable_image", f"the {info.format} image could not be decoded: {exc}"
-            ) from exc
+            raise Rejected("undecodable_image", f"the {info.format} image could not be decoded: {exc}") from exc
     array = pixels.astype(np.float32) / np.float32(255.0)
     array = np.ascontiguousarray(array.reshape(spec.height, spec.width, spec.channels))
     return Preprocessed(array=array, tensor_sha256=tensor_digest(array), image=info, spec=spec)
@@ -210,23 +189,19 @@ def decode_opened(opened: OpenedImage, spec: PreprocessSpec) -> Preprocessed:
 def _open(data: bytes, spec: PreprocessSpec) -> Image.Image:
     allowed = ", ".join(spec.formats)
     if not data:
-        raise ImageRejected(415, "unsupported_format", f"the upload is empty; allowed formats: {allowed}")
+        raise Rejected("unsupported_format", f"the upload is empty; allowed formats: {allowed}")
     try:
         return Image.open(io.BytesIO(data), formats=spec.formats)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageRejected(422, "image_too_large", f"the image is too large: {exc}") from exc
+        raise Rejected("image_too_large", f"the image is too large: {exc}") from exc
     except UnidentifiedImageError as exc:
         if sniff_format(data, spec.formats) is not None:
-            raise ImageRejected(
-                422, "undecodable_image", "the image header could not be parsed"
-            ) from exc
-        raise ImageRejected(
-            415, "unsupported_format", f"the upload is not an image in an allowed format ({allowed})"
-        ) from exc
+            raise Rejected("undecodable_image", "the image header could not be parsed") from exc
+        raise Rejected("unsupported_format", f"the upload is not an image in an allowed format ({allowed})") from exc
     except MemoryError:
         raise
     except Exception as exc:  # noqa: BLE001 - an allowed decoder accepted the signature, then failed
-        raise ImageRejected(422, "undecodable_image", f"the image could not be parsed: {exc}") from exc
+        raise Rejected("undecodable_image", f"the image could not be parsed: {exc}") from exc
 
 
 def sniff_format(data: bytes, formats: tuple[str, ...] | None = None) -> str | None:
@@ -259,24 +234,22 @@ def _webp_canvas_size(data: bytes) -> tuple[int, int] | None:
 
 def _check_size(width: int, height: int, spec: PreprocessSpec) -> tuple[int, int]:
     if width < 1 or height < 1:
-        raise ImageRejected(422, "empty_image", f"the image has no pixels ({width}x{height})")
+        raise Rejected("empty_image", f"the image has no pixels ({width}x{height})")
     if width * height > spec.max_pixels:
-        raise ImageRejected(
-            422,
+        raise Rejected(
             "image_too_large",
-            f"the image is {width}x{height} = {width * height} pixels; "
-            f"the limit is {spec.max_pixels}",
+            f"the image is {width}x{height} = {width * height} pixels; the limit is {spec.max_pixels}",
         )
     return width, height
 
 
-def _describe(image: Image.Image, width: int, height: int) -> ImageInfo:
+def _describe(image: Image.Image, width: int, height: int) -> ImageFacts:
     try:
         # Counting frames may parse the whole file (GIF, TIFF): part of decoding, not of opening.
         frames = int(getattr(image, "n_frames", 1))
     except Exception as exc:  # noqa: BLE001 - counting frames parses the whole file
-        raise ImageRejected(422, "undecodable_image", f"the image could not be parsed: {exc}") from exc
-    return ImageInfo(format=str(image.format), mode=image.mode, width=width, height=height, frames=frames)
+        raise Rejected("undecodable_image", f"the image could not be parsed: {exc}") from exc
+    return ImageFacts(format=str(image.format), mode=image.mode, width=width, height=height, frames=frames)
 
 
 def _to_model_pixels(image: Image.Image, spec: PreprocessSpec) -> np.ndarray:
@@ -372,7 +345,7 @@ def _to_8bit(image: Image.Image) -> Image.Image:
         # CMYK, YCbCr, HSV, LAB, RGBX: Pillow's own conversions.
         return image.convert("RGB")
     except ValueError as exc:
-        raise ImageRejected(422, "unsupported_mode", f"pixel mode {mode} is not supported") from exc
+        raise Rejected("unsupported_mode", f"pixel mode {mode} is not supported") from exc
 
 
 def _gray_from_16bit(values: np.ndarray) -> Image.Image:

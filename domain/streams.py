@@ -1,7 +1,9 @@
 """Which event may follow which in a stream, and how stream ids are derived. Pure.
 
-A prediction's stream is ``PredictionRequested`` then exactly one of ``PredictionMade`` /
-``PredictionFailed``, and nothing after. Model registrations and blob erasures live in streams of
+A prediction's stream is ``PredictionRequested``, then exactly one of ``PredictionMade`` /
+``PredictionFailed``, then any number of ``GroundTruthRecorded`` (labels and their corrections)
+and ``GroundTruthWithdrawn`` (only while a label is current). A bulk label request's
+``LabelBatchRecorded`` has a stream of its own. Model registrations and blob erasures live in streams of
 their own, derived from the digest they are about, so a second registration of the same artifact
 is a version conflict rather than a duplicate.
 """
@@ -14,6 +16,9 @@ from collections.abc import Sequence
 from domain.events import (
     BlobErased,
     Event,
+    GroundTruthRecorded,
+    GroundTruthWithdrawn,
+    LabelBatchRecorded,
     ModelRegistered,
     PredictionFailed,
     PredictionMade,
@@ -44,24 +49,26 @@ def check_stream(existing: Sequence[Event], new: Sequence[Event]) -> None:
         return
     first = events[0]
     if isinstance(first, PredictionRequested):
-        if len(events) > 2:
-            raise StreamRuleViolation("a prediction stream holds a request and one outcome, nothing more")
-        if len(events) == 2 and not isinstance(events[1], _OUTCOMES):
+        if len(events) >= 2 and not isinstance(events[1], _OUTCOMES):
             raise StreamRuleViolation(
                 f"a prediction request may only be followed by PredictionMade or PredictionFailed, "
                 f"not {type(events[1]).__name__}"
             )
+        labelled = False
+        for event in events[2:]:
+            if isinstance(event, GroundTruthRecorded):
+                labelled = True
+            elif isinstance(event, GroundTruthWithdrawn):
+                if not labelled:
+                    raise StreamRuleViolation("a label can only be withdrawn while one is current")
+                labelled = False
+            else:
+                raise StreamRuleViolation(
+                    f"after its outcome a prediction stream holds only labels, not {type(event).__name__}"
+                )
         return
-    if isinstance(first, (ModelRegistered, BlobErased)):
+    if isinstance(first, (ModelRegistered, BlobErased, LabelBatchRecorded)):
         if len(events) > 1:
             raise StreamRuleViolation(f"a {type(first).__name__} stream holds exactly one event")
         return
     raise StreamRuleViolation(f"a stream cannot start with {type(first).__name__}")
-
-
-def is_complete_prediction(events: Sequence[Event]) -> bool:
-    return (
-        len(events) == 2
-        and isinstance(events[0], PredictionRequested)
-        and isinstance(events[1], _OUTCOMES)
-    )

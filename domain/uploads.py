@@ -4,19 +4,12 @@ from __future__ import annotations
 
 import hashlib
 
-
 import msgspec
+
+from domain.rejections import Rejected
 
 MAX_FILENAME_BYTES = 1024
 MAX_IDEMPOTENCY_KEY_LENGTH = 255
-
-
-class UploadRejected(ValueError):
-    """The upload cannot be accepted; `status` is the HTTP status to answer."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message = status, code, message
 
 
 class Upload(msgspec.Struct, frozen=True):
@@ -31,15 +24,13 @@ def check_filename(filename: str | None) -> str | None:
     if filename is None:
         return None
     if "\x00" in filename:
-        raise UploadRejected(422, "invalid_filename", "the filename contains a NUL character")
+        raise Rejected("invalid_filename", "the filename contains a NUL character")
     try:
         encoded = filename.encode("utf-8")
     except UnicodeEncodeError:
-        raise UploadRejected(422, "invalid_filename", "the filename is not valid Unicode") from None
+        raise Rejected("invalid_filename", "the filename is not valid Unicode") from None
     if len(encoded) > MAX_FILENAME_BYTES:
-        raise UploadRejected(
-            422, "invalid_filename", f"the filename is longer than {MAX_FILENAME_BYTES} bytes"
-        )
+        raise Rejected("invalid_filename", f"the filename is longer than {MAX_FILENAME_BYTES} bytes")
     return filename
 
 
@@ -47,7 +38,7 @@ def check_content_type(content_type: str | None) -> str | None:
     if content_type is None:
         return None
     if "\x00" in content_type or len(content_type) > 255 or not content_type.isprintable():
-        raise UploadRejected(422, "invalid_content_type", "the declared content type is malformed")
+        raise Rejected("invalid_content_type", "the declared content type is malformed")
     return content_type
 
 
@@ -57,8 +48,7 @@ def check_idempotency_key(key: str | None) -> str | None:
     if not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY_LENGTH or not all(
         "!" <= ch <= "~" for ch in key
     ):
-        raise UploadRejected(
-            400,
+        raise Rejected(
             "invalid_idempotency_key",
             f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_LENGTH} visible ASCII characters",
         )
@@ -67,7 +57,7 @@ def check_idempotency_key(key: str | None) -> str | None:
 
 def check_upload(upload: Upload) -> Upload:
     if not upload.content:
-        raise UploadRejected(422, "empty_upload", "the uploaded file is empty")
+        raise Rejected("empty_upload", "the uploaded file is empty")
     check_filename(upload.filename)
     check_content_type(upload.content_type)
     return upload

@@ -1,7 +1,11 @@
-"""Projections: the read tables built from the event log, their workers, rebuild and verify.
+"""Projections: the read tables derived from the event log, and everything that keeps them honest.
 
-- `read_model`: applying events to the read tables in batches, the checkpoint compare-and-set
-- `worker`: `ProjectionRunner`, one active worker per projection (advisory lock), supervised
-- `queries`: the read side for the API (`list_predictions`, `get_prediction`, lag, ...)
-- `rebuild`, `verify`, `replay`: operator commands (`python -m projections --help`)
+- `rows`: events → rows (pure); `read_model`: applying a batch and moving the tracked position
+  (compare-and-set, in the same transaction)
+- `worker`: `ProjectionRunner`, one active per projection (advisory lock), supervised;
+  `process`: the runner with its chain-head signer (`checkpoints`), as a process runs them
+- `queries`: the read side the API uses (`list_predictions`, `get_prediction`, lag, …)
+- `rebuild`, `bulk`, `verify`, `audit_checks`, `replay`: what `just rebuild|verify|replay` run
+
+May import `domain`, `db` and `infra`; never `service`, `usecases` or `cli`.
 """

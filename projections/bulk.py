@@ -111,7 +111,9 @@ class BulkWriter:
                         await connection.copy_records_to_table(
                             "predictions", records=predictions, columns=PREDICTION_COLUMNS, schema_name=self.schema
                         )
+                    await self.exact.count_outcomes(connection, [row.prediction_id for row in batch.outcomes])
                     await self.exact.write_erasures(connection, batch.erasures)
+                    await self.exact.write_labels(connection, batch.labels)
             except DATA_ERRORS:
                 pass  # the exact path finds out which event it was, and reports it
             else:

@@ -19,8 +19,15 @@ import asyncpg
 import msgspec
 
 from db.store import StoredEvent
-from projections.read_model import CHECKPOINTS_TABLE, READ_MODEL
-from projections.rows import InputRow, PredictionRow, SkippedEvent, row_from_event
+from domain.labels import is_correct
+from projections.read_model import TRACKING_TABLE, READ_MODEL
+from projections.rows import (
+    InputRow,
+    LabelRow,
+    PredictionRow,
+    SkippedEvent,
+    row_from_event,
+)
 
 Queryable = asyncpg.Pool | asyncpg.Connection
 
@@ -62,6 +69,9 @@ class PredictionView(msgspec.Struct, frozen=True):
     recorded_at: datetime  # of the outcome event
     error: ErrorView | None
     erased: bool
+    label: int | None  # the current ground truth
+    labelled_at: int | None  # position of the label event that set `label` (or withdrew it)
+    correct: bool | None  # likely_class == label, for a made prediction with a current label
 
 
 class InputView(msgspec.Struct, frozen=True):
@@ -86,7 +96,7 @@ _VIEW_SELECT = """
            i.filename, i.content_type, i.size_bytes, i.blob_sha256,
            i.image_format, i.image_mode, i.image_width, i.image_height, i.tensor_sha256,
            p.position, i.position AS request_position, p.recorded_at,
-           p.error_code, p.error_message, i.erased_at IS NOT NULL AS erased
+           p.error_code, p.error_message, i.erased_at IS NOT NULL AS erased, p.label, p.labelled_at
     FROM public.predictions AS p
     JOIN public.inputs AS i ON i.input_id = p.input_id
 """
@@ -116,6 +126,9 @@ def _view(m: Mapping[str, Any]) -> PredictionView:
         recorded_at=m["recorded_at"],
         error=ErrorView(code=m["error_code"], message=m["error_message"]) if failed else None,
         erased=m["erased"],
+        label=m["label"],
+        labelled_at=m["labelled_at"],
+        correct=is_correct(m["status"], m["likely_class"], m["label"]),
     )
 
 
@@ -133,6 +146,8 @@ async def list_predictions(
     model_version: str | None = None,
     since: datetime | None = None,
     until: datetime | None = None,
+    labelled: bool | None = None,
+    correct: bool | None = None,
 ) -> tuple[list[PredictionView], int | None]:
     """Newest first (by position). `since` is inclusive, `until` exclusive. The cursor is the
     position of the last item when there is a further page, None otherwise."""
@@ -152,6 +167,10 @@ async def list_predictions(
         if value is not None:
             arguments.append(value)
             conditions.append(clause.format(len(arguments)))
+    if labelled is not None:
+        conditions.append("p.label IS NOT NULL" if labelled else "p.label IS NULL")
+    if correct is not None:  # only made predictions with a current label are correct or not
+        conditions.append("p.status = 'made' AND p.label " + ("= p.likely_class" if correct else "<> p.likely_class"))
     where = (" WHERE " + " AND ".join(conditions)) if conditions else ""
     arguments.append(limit + 1)
     rows = await conn.fetch(f"{_VIEW_SELECT}{where} ORDER BY p.position DESC LIMIT ${len(arguments)}", *arguments)
@@ -168,15 +187,20 @@ def prediction_view_from_events(events: Sequence[StoredEvent], *, erased: bool =
     """
     request: InputRow | None = None
     outcome: PredictionRow | None = None
+    label: LabelRow | None = None
     for event in sorted(events, key=lambda e: e.position):
         try:
             row = row_from_event(event)
         except SkippedEvent:
+            if request is not None and outcome is not None:
+                continue  # a bad label event: stepped over by the projection as well
             return None  # the projection steps over it too: there is no view to give
         if isinstance(row, InputRow) and request is None:
             request = row
         elif isinstance(row, PredictionRow) and request is not None and outcome is None:
             outcome = row
+        elif isinstance(row, LabelRow) and outcome is not None:
+            label = row
     if request is None or outcome is None:
         return None
     fields = msgspec.structs.asdict(outcome)
@@ -193,6 +217,8 @@ def prediction_view_from_events(events: Sequence[StoredEvent], *, erased: bool =
         tensor_sha256=request.tensor_sha256,
         request_position=request.position,
         erased=erased,
+        label=label.label if label else None,
+        labelled_at=label.position if label else None,
     )
     return _view(fields)
 
@@ -209,17 +235,18 @@ async def get_input(conn: Queryable, input_id: uuid.UUID) -> InputView | None:
     return None if row is None else InputView(**dict(row))
 
 
-async def checkpoint(conn: Queryable, name: str = READ_MODEL) -> int:
-    position = await conn.fetchval(f"SELECT position FROM {CHECKPOINTS_TABLE} WHERE name = $1", name)
+async def tracked_position(conn: Queryable, name: str = READ_MODEL) -> int:
+    """How far into the log the projection's read tables reflect."""
+    position = await conn.fetchval(f"SELECT position FROM {TRACKING_TABLE} WHERE name = $1", name)
     return position or 0
 
 
-async def wait_for_checkpoint(conn: Queryable, position: int, timeout_s: float, *, name: str = READ_MODEL) -> bool:
+async def wait_until_projected(conn: Queryable, position: int, timeout_s: float, *, name: str = READ_MODEL) -> bool:
     """Wait until the projection has applied `position`; false if it has not within the timeout."""
     deadline = time.monotonic() + timeout_s
     delay = 0.002
     while True:
-        if await checkpoint(conn, name) >= position:
+        if await tracked_position(conn, name) >= position:
             return True
         remaining = deadline - time.monotonic()
         if remaining <= 0:
@@ -229,10 +256,10 @@ async def wait_for_checkpoint(conn: Queryable, position: int, timeout_s: float, 
 
 
 async def lag(conn: Queryable, name: str = READ_MODEL) -> Lag:
-    """Head position minus checkpoint, and `now()` minus the oldest unapplied event's time."""
+    """Head position minus the tracked position, and `now()` minus the oldest unapplied event's time."""
     row = await conn.fetchrow(
         f"""
-        WITH c AS (SELECT coalesce((SELECT position FROM {CHECKPOINTS_TABLE} WHERE name = $1), 0) AS position)
+        WITH c AS (SELECT coalesce((SELECT position FROM {TRACKING_TABLE} WHERE name = $1), 0) AS position)
         SELECT coalesce((SELECT max(position) FROM events), 0) - c.position AS events,
                coalesce(extract(epoch FROM now() - (
                    SELECT recorded_at FROM events WHERE position > c.position ORDER BY position LIMIT 1)), 0)::float8

@@ -1,4 +1,4 @@
-"""Applying events to the read tables of one schema, in batches, and moving the checkpoint.
+"""Applying events to the read tables of one schema, in batches, and moving the tracked position.
 
 One `INSERT … SELECT FROM unnest(…)` per table per batch. An event that cannot be applied (bad
 data PostgreSQL refuses, such as a NUL in a text, an outcome without its request, an unknown type)
@@ -19,12 +19,15 @@ import asyncpg
 import asyncpg.exceptions._base as asyncpg_base
 import msgspec
 
-from db.store import StoredEvent
+from db.sql import quote_ident
+from db.store import fetch_events_after
+from projections.quality import EDGES_SQL, brier_sql, confidence_sql
 from projections.rows import (
     ErasureRow,
     EventFields,
     EventLike,
     InputRow,
+    LabelRow,
     PredictionRow,
     Row,
     SkippedEvent,
@@ -34,12 +37,12 @@ from projections.rows import (
 
 log = logging.getLogger(__name__)
 
-READ_MODEL = "read_model"  # the projection's name in projection_checkpoints
+READ_MODEL = "read_model"  # the projection's name in projection_tracking
 LIVE_SCHEMA = "public"
-CHECKPOINTS_TABLE = "public.projection_checkpoints"
+TRACKING_TABLE = "public.projection_tracking"
 
-EVENT_COLUMNS = "position, stream_id, stream_version, event_type, schema_version, data, metadata, recorded_at, hash"
-_PROJECTED_COLUMNS = "position, stream_id, event_type, schema_version, data, recorded_at"
+# What a projection reads of each event: the fields of `rows.EventFields`, in its order.
+PROJECTED_COLUMNS = "position, stream_id, event_type, schema_version, data, recorded_at"
 
 # What makes one event unappliable, as opposed to a database that is down or busy (which must
 # fail the batch, to be retried as a whole later).
@@ -52,10 +55,6 @@ DATA_ERRORS: tuple[type[BaseException], ...] = (
 _json = msgspec.json.Encoder()
 
 
-def quote_ident(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
 class ProjectionError(msgspec.Struct, frozen=True, order=True):
     position: int
     stream_id: uuid.UUID
@@ -64,25 +63,12 @@ class ProjectionError(msgspec.Struct, frozen=True, order=True):
     detail: str
 
 
-class CheckpointMoved(Exception):
-    """The checkpoint is not where this worker left it: another worker (or a rebuild) moved it."""
+class TrackingMoved(Exception):
+    """The tracked position is not where this worker left it: another worker (or a rebuild) moved it."""
 
     def __init__(self, name: str, expected: int, actual: int | None) -> None:
-        super().__init__(f"checkpoint {name!r} is at {actual}, this worker expected {expected}")
+        super().__init__(f"projection {name!r} is tracked at {actual}, this worker expected {expected}")
         self.expected, self.actual = expected, actual
-
-
-async def read_events(
-    connection: asyncpg.Connection, after: int, limit: int, *, up_to: int | None = None
-) -> list[StoredEvent]:
-    """Whole events, in position order (for the chain, replay to auditors)."""
-    rows = await connection.fetch(
-        f"SELECT {EVENT_COLUMNS} FROM events WHERE position > $1 AND position <= $3 ORDER BY position LIMIT $2",
-        after,
-        limit,
-        up_to if up_to is not None else 2**63 - 1,
-    )
-    return [StoredEvent(*row) for row in rows]
 
 
 async def read_projected_events(
@@ -90,12 +76,7 @@ async def read_projected_events(
 ) -> list[EventFields]:
     """What the projection needs of the events after `after`, in position order (as fetched:
     records of `EventFields`)."""
-    return await connection.fetch(  # type: ignore[return-value]
-        f"SELECT {_PROJECTED_COLUMNS} FROM events WHERE position > $1 AND position <= $3 ORDER BY position LIMIT $2",
-        after,
-        limit,
-        up_to if up_to is not None else 2**63 - 1,
-    )
+    return await fetch_events_after(connection, after, limit, up_to=up_to, columns=PROJECTED_COLUMNS)  # type: ignore[return-value]
 
 
 def _printable(text: str) -> str:
@@ -123,8 +104,10 @@ class PreparedBatch:
         self.inputs: list[InputRow] = []
         self.outcomes: list[PredictionRow] = []
         self.erasures: list[ErasureRow] = []
+        self.labels: list[LabelRow] = []
         self.skipped: list[ProjectionError] = []
-        by_kind = {InputRow: self.inputs, PredictionRow: self.outcomes, ErasureRow: self.erasures}
+        by_kind = {InputRow: self.inputs, PredictionRow: self.outcomes, ErasureRow: self.erasures,
+                   LabelRow: self.labels}
         for event in events:
             try:
                 row = row_from_fields(*event)
@@ -145,7 +128,7 @@ class PreparedBatch:
     @property
     def columns(self) -> _Columns:
         if self._columns is None:
-            self._columns = _columns(self.inputs, self.outcomes, self.erasures)
+            self._columns = _columns(self.inputs, self.outcomes, self.erasures, self.labels)
         return self._columns
 
 
@@ -154,12 +137,61 @@ class _Columns(msgspec.Struct):
     outcomes: list[list] | None
     outcome_positions: list[int]
     erasures: list[list] | None
+    labels: Sequence[LabelRow]
+
+
+def _cell_upsert(schema: str, source: str) -> str:
+    """Add the rows of `source` (a prediction's columns with the `truth` it counts under and
+    `sign` +1 or -1) to their quality cells."""
+    return f"""
+        INSERT INTO {schema}.quality_cells AS q
+            (model_sha256, hour, status, likely_class, truth, bin, n, confidence_sum, brier_sum)
+        SELECT model_sha256, date_trunc('hour', recorded_at AT TIME ZONE 'UTC'), status, coalesce(likely_class, -1),
+               coalesce(truth, -1), coalesce(width_bucket(confidence, {EDGES_SQL}), -1), sum(sign),
+               coalesce(sum(sign * confidence::numeric), 0), coalesce(sum(sign * brier::numeric), 0)
+        FROM (SELECT d.*, {confidence_sql("d.output")} AS confidence, {brier_sql("d.output", "d.truth")} AS brier
+              FROM ({source}) AS d) AS f
+        GROUP BY 1, 2, 3, 4, 5, 6
+        ON CONFLICT (model_sha256, hour, status, likely_class, truth, bin) DO UPDATE
+        SET n = q.n + excluded.n, confidence_sum = q.confidence_sum + excluded.confidence_sum,
+            brier_sum = q.brier_sum + excluded.brier_sum
+    """
+
+
+def _label_columns(labels: Sequence[LabelRow]) -> tuple[list[list], list[list], list[list]]:
+    """The label events as columns, each with the position of the next label event of its
+    prediction within the batch (None for the last: a later batch supersedes it); then per
+    prediction its first and its last label event in the batch."""
+    superseded: list[int | None] = [None] * len(labels)
+    last_index: dict[uuid.UUID, int] = {}
+    first: dict[uuid.UUID, LabelRow] = {}
+    for index, row in enumerate(labels):  # in position order
+        previous = last_index.get(row.prediction_id)
+        if previous is not None:
+            superseded[previous] = row.position
+        else:
+            first[row.prediction_id] = row
+        last_index[row.prediction_id] = index
+    last = [labels[index] for index in last_index.values()]
+    return (
+        [
+            [r.position for r in labels], [r.prediction_id for r in labels], [r.kind for r in labels],
+            [r.label for r in labels], [r.source for r in labels], [r.note for r in labels],
+            [r.reason for r in labels], [r.actor for r in labels], [r.recorded_at for r in labels], superseded,
+        ],
+        [[r.prediction_id for r in first.values()], [r.position for r in first.values()]],
+        [[r.prediction_id for r in last], [r.label for r in last], [r.position for r in last]],
+    )
 
 
 def _columns(
-    inputs: Sequence[InputRow], outcomes: Sequence[PredictionRow], erasures: Sequence[ErasureRow]
+    inputs: Sequence[InputRow],
+    outcomes: Sequence[PredictionRow],
+    erasures: Sequence[ErasureRow],
+    labels: Sequence[LabelRow] = (),
 ) -> _Columns:
     return _Columns(
+        labels=labels,
         inputs=[
             [r.input_id for r in inputs],
             [r.stream_id for r in inputs],
@@ -210,6 +242,7 @@ def _columns_of(row: Row) -> _Columns:
         [row] if type(row) is InputRow else [],
         [row] if type(row) is PredictionRow else [],
         [row] if type(row) is ErasureRow else [],
+        [row] if type(row) is LabelRow else [],
     )
 
 
@@ -249,7 +282,7 @@ class ReadModelWriter:
                 AS u(prediction_id, position, status, output, likely_class, model_name, model_version,
                      model_sha256, device, batch_size, batch_index, error_code, error_message, recorded_at)
             JOIN {s}.inputs AS i ON i.stream_id = u.prediction_id
-            RETURNING position
+            RETURNING position, prediction_id
         """
         # An erasure marks the inputs of its blob recorded before it (a later upload of the same
         # bytes is a new input whose blob exists again). DISTINCT ON keeps the earliest erasure
@@ -267,6 +300,40 @@ class ReadModelWriter:
             )
             UPDATE {s}.inputs AS i SET erased_at = f.recorded_at FROM first_erasure AS f WHERE i.input_id = f.input_id
         """
+        # Label events, in three steps: the events themselves; the label that was the latest
+        # before this batch is superseded by the batch's first one; the prediction takes the
+        # batch's last one (a withdrawal leaves no label). Applied after the outcomes, so a label
+        # in the same batch as its prediction finds the row.
+        self._insert_labels = f"""
+            INSERT INTO {s}.labels (position, prediction_id, kind, label, source, note, reason, actor, recorded_at,
+                superseded_at)
+            SELECT * FROM unnest($1::bigint[], $2::uuid[], $3::text[], $4::int[], $5::text[], $6::text[],
+                $7::text[], $8::text[], $9::timestamptz[], $10::bigint[])
+        """
+        self._supersede_labels = f"""
+            UPDATE {s}.labels AS l SET superseded_at = u.position
+            FROM unnest($1::uuid[], $2::bigint[]) AS u(prediction_id, position)
+            WHERE l.prediction_id = u.prediction_id AND l.superseded_at IS NULL AND l.position < u.position
+        """
+        self._set_current_labels = f"""
+            UPDATE {s}.predictions AS p SET label = u.label, labelled_at = u.position
+            FROM unnest($1::uuid[], $2::int[], $3::bigint[]) AS u(prediction_id, label, position)
+            WHERE p.prediction_id = u.prediction_id
+        """
+        # Quality cells: a new outcome counts in its cell as unlabelled; a label that changes
+        # moves the prediction from the cell of its old label to the cell of its new one.
+        self._count_outcomes = _cell_upsert(s, f"""
+            SELECT p.model_sha256, p.recorded_at, p.status, p.likely_class, p.output, NULL::int AS truth, 1 AS sign
+            FROM {s}.predictions AS p WHERE p.prediction_id = ANY($1::uuid[])
+        """)
+        self._move_labelled = _cell_upsert(s, f"""
+            SELECT p.model_sha256, p.recorded_at, p.status, p.likely_class, p.output, x.truth, x.sign
+            FROM unnest($1::uuid[], $2::int[]) AS u(prediction_id, label)
+            JOIN {s}.predictions AS p ON p.prediction_id = u.prediction_id
+            CROSS JOIN LATERAL (VALUES (p.label, -1), (u.label, 1)) AS x(truth, sign)
+            WHERE p.label IS DISTINCT FROM u.label
+        """)
+        self._drop_empty_cells = f"DELETE FROM {s}.quality_cells WHERE n = 0"
         self._insert_errors = f"""
             INSERT INTO {s}.projection_errors (position, stream_id, event_type, reason, detail)
             SELECT * FROM unnest($1::bigint[], $2::uuid[], $3::text[], $4::text[], $5::text[])
@@ -331,7 +398,9 @@ class ReadModelWriter:
         if columns.inputs is not None:
             await connection.execute(self._insert_inputs, *columns.inputs)
         if columns.outcomes is not None:
-            stored = {record[0] for record in await connection.fetch(self._insert_predictions, *columns.outcomes)}
+            inserted = await connection.fetch(self._insert_predictions, *columns.outcomes)
+            await self.count_outcomes(connection, [record[1] for record in inserted])
+            stored = {record[0] for record in inserted}
             errors.extend(
                 _error(batch.event_at(position), "rejected", "no applied PredictionRequested in this stream")
                 for position in columns.outcome_positions
@@ -339,7 +408,22 @@ class ReadModelWriter:
             )
         if columns.erasures is not None:
             await connection.execute(self._apply_erasures, *columns.erasures)
+        await self.write_labels(connection, columns.labels)
         return errors
+
+    async def write_labels(self, connection: asyncpg.Connection, labels: Sequence[LabelRow]) -> None:
+        if not labels:
+            return
+        rows, starts, ends = _label_columns(labels)
+        await connection.execute(self._supersede_labels, *starts)
+        await connection.execute(self._insert_labels, *rows)
+        await connection.execute(self._move_labelled, ends[0], ends[1])  # before the labels change
+        await connection.execute(self._set_current_labels, *ends)
+        await connection.execute(self._drop_empty_cells)
+
+    async def count_outcomes(self, connection: asyncpg.Connection, prediction_ids: Sequence[uuid.UUID]) -> None:
+        if prediction_ids:
+            await connection.execute(self._count_outcomes, list(prediction_ids))
 
 
 async def project_batch(
@@ -350,20 +434,20 @@ async def project_batch(
     expected: int,
     batch_size: int,
 ) -> tuple[int, int, list[ProjectionError]]:
-    """Apply the events after `expected` and move the checkpoint there, in one transaction.
+    """Apply the events after `expected` and move the tracked position there, in one transaction.
 
-    Returns (new checkpoint, events applied, events skipped). Raises `CheckpointMoved` (and rolls
-    the batch back) when the checkpoint is not at `expected`.
+    Returns (new position, events applied, events skipped). Raises `TrackingMoved` (and rolls
+    the batch back) when the tracked position is not at `expected`.
     """
     async with connection.transaction():
-        # Lock the checkpoint row first: it is the one point every writer of these tables
+        # Lock the tracking row first: it is the one point every writer of these tables
         # serializes on (a rebuild's swap locks it too), always before any read-table row, so a
         # batch and a swap can wait for each other but never deadlock.
         current = await connection.fetchval(
-            f"SELECT position FROM {CHECKPOINTS_TABLE} WHERE name = $1 FOR UPDATE", name
+            f"SELECT position FROM {TRACKING_TABLE} WHERE name = $1 FOR UPDATE", name
         )
         if current != expected:
-            raise CheckpointMoved(name, expected, current)
+            raise TrackingMoved(name, expected, current)
         events = await read_projected_events(connection, expected, batch_size)
         if not events:
             return expected, 0, []
@@ -372,11 +456,11 @@ async def project_batch(
         # Compare-and-set: redundant with the row lock above while this worker's session holds
         # it, but the rule that refuses a deposed worker's late write whatever path it came by.
         status = await connection.execute(
-            f"UPDATE {CHECKPOINTS_TABLE} SET position = $3 WHERE name = $1 AND position = $2",
+            f"UPDATE {TRACKING_TABLE} SET position = $3 WHERE name = $1 AND position = $2",
             name,
             expected,
             new_position,
         )
         if status != "UPDATE 1":
-            raise CheckpointMoved(name, expected, None)
+            raise TrackingMoved(name, expected, None)
         return new_position, len(events), errors

@@ -1,13 +1,13 @@
 """Rebuild the read model from position 0 without downtime, then swap it in atomically.
 
 1. Build fresh tables in a new schema (`read_model_create`), owned by the operator's role and
-   granted to the service's, replaying events up to the live checkpoint (bare tables first, the
+   granted to the service's, replaying events up to the live tracked position (bare tables first, the
    indexes and the foreign key added once the rows are in). The live tables keep answering and
    the live worker keeps running meanwhile.
-2. Swap, in one transaction: lock the live checkpoint row (the first thing every worker batch
+2. Swap, in one transaction: lock the live tracking row (the first thing every worker batch
    locks, so this waits for the batch in hand and holds off the next one), apply the events
-   between the rebuilt position and the live checkpoint, lock the live tables (readers wait a
-   moment, nobody fails), move them out and the new ones in, drop the old ones. The checkpoint
+   between the rebuilt position and the live tracked position, lock the live tables (readers wait a
+   moment, nobody fails), move them out and the new ones in, drop the old ones. The tracked position
    does not move: the worker carries on from it, on the new tables.
 """
 
@@ -22,14 +22,14 @@ from collections.abc import Callable
 import asyncpg
 import msgspec
 
+from db.sql import quote_ident
 from projections.bulk import BulkWriter, pages, pipeline
 from projections.read_model import (
-    CHECKPOINTS_TABLE,
+    TRACKING_TABLE,
     LIVE_SCHEMA,
     READ_MODEL,
     PreparedBatch,
     ReadModelWriter,
-    quote_ident,
 )
 
 log = logging.getLogger(__name__)
@@ -37,11 +37,11 @@ log = logging.getLogger(__name__)
 REBUILD_LOCK_KEY = 0x72626C64  # "rbld": one rebuild at a time
 # Locked in this order by the swap: the order readers take them in (`FROM predictions JOIN
 # inputs`), so a reader holding one while the swap waits for it cannot deadlock with the swap.
-READ_MODEL_TABLES = ("predictions", "inputs", "projection_errors")
+READ_MODEL_TABLES = ("predictions", "inputs", "labels", "quality_cells", "projection_errors")
 
 
 class RebuildReport(msgspec.Struct, frozen=True):
-    position: int  # the checkpoint the rebuilt tables were swapped in at
+    position: int  # the tracked position the rebuilt tables were swapped in at
     events: int  # events replayed
     swap_events: int  # of which applied inside the swap transaction (caught up with the worker)
     skipped: int  # events stepped over (recorded in projection_errors)
@@ -92,10 +92,10 @@ async def rebuild(
                 done.skipped += len(await bulk.write(connection, batch))
             done.position, done.events = batch.last, done.events + len(batch.events)
 
-        # Catch up with the live checkpoint (a moving target) before the swap, so that the swap
+        # Catch up with the live tracked position (a moving target) before the swap, so that the swap
         # itself has only a few events left to apply while it holds the worker off.
         while True:
-            target = await _live_checkpoint(connection, name)
+            target = await _live_position(connection, name)
             if target - done.position <= batch_size:
                 break
             await pipeline(pages(reader, done.position, target, batch_size), write)
@@ -129,10 +129,10 @@ async def rebuild(
         await connection.close()
 
 
-async def _live_checkpoint(connection: asyncpg.Connection, name: str) -> int:
-    position = await connection.fetchval(f"SELECT position FROM {CHECKPOINTS_TABLE} WHERE name = $1", name)
+async def _live_position(connection: asyncpg.Connection, name: str) -> int:
+    position = await connection.fetchval(f"SELECT position FROM {TRACKING_TABLE} WHERE name = $1", name)
     if position is None:
-        raise RebuildError(f"no checkpoint named {name!r}")
+        raise RebuildError(f"no tracking row named {name!r}")
     return position
 
 
@@ -152,10 +152,10 @@ async def _swap(
         await connection.execute("SELECT set_config('lock_timeout', $1, true)", f"{int(lock_timeout_s * 1000)}ms")
         await connection.execute("SET LOCAL synchronous_commit = on")
         target = await connection.fetchval(
-            f"SELECT position FROM {CHECKPOINTS_TABLE} WHERE name = $1 FOR UPDATE", name
+            f"SELECT position FROM {TRACKING_TABLE} WHERE name = $1 FOR UPDATE", name
         )
         if target is None or target < position:
-            raise RebuildError(f"the live checkpoint went back ({target} < {position}) during the rebuild")
+            raise RebuildError(f"the live tracked position went back ({target} < {position}) during the rebuild")
         async for events in pages(connection, position, target, batch_size):
             skipped += len(await writer.write(connection, PreparedBatch(events)))
             position, applied = events[-1][0], applied + len(events)

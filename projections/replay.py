@@ -1,51 +1,14 @@
-"""Events as NDJSON, for auditors: one line per event, in global order.
-
-`data` and `metadata` are the exact stored JSON texts (as JSON strings), so a reader can recompute
-every hash with the canonical form in `domain/chain.py` (recorded_at is RFC 3339 in UTC with
-microseconds, exactly the stored instant).
-"""
+"""`just replay`: events as NDJSON, for auditors, in global order, in the same line format as
+`GET /events` (domain/event_lines.py)."""
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable
-from datetime import datetime
 
 import asyncpg
-import msgspec
 
-from db.store import StoredEvent
-from projections.read_model import read_events
-
-
-class ReplayLine(msgspec.Struct, frozen=True):
-    position: int
-    stream_id: uuid.UUID
-    stream_version: int
-    type: str
-    schema_version: int
-    recorded_at: datetime
-    data: str
-    metadata: str
-    hash: str
-
-
-_encoder = msgspec.json.Encoder()
-
-
-def ndjson_line(event: StoredEvent) -> bytes:
-    line = ReplayLine(
-        position=event.position,
-        stream_id=event.stream_id,
-        stream_version=event.stream_version,
-        type=event.event_type,
-        schema_version=event.schema_version,
-        recorded_at=event.recorded_at,
-        data=event.data,
-        metadata=event.metadata,
-        hash=event.hash.hex(),
-    )
-    return _encoder.encode(line) + b"\n"
+from db.store import read_events
+from domain.event_lines import event_line, ndjson
 
 
 async def replay(
@@ -63,7 +26,7 @@ async def replay(
         page = await read_events(connection, after, wanted)
         if not page:
             break
-        write(b"".join(ndjson_line(event) for event in page))
+        write(ndjson(event_line(event.chained(), event.hash) for event in page))
         written += len(page)
         after = page[-1].position
     return written

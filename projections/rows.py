@@ -11,10 +11,14 @@ from datetime import datetime
 from typing import Protocol
 
 import msgspec
-from asyncpg.pgproto.pgproto import UUID as FastUUID  # the parser asyncpg itself uses for uuid
+from asyncpg.pgproto.pgproto import (
+    UUID as FastUUID,  # the parser asyncpg itself uses for uuid
+)
 
 from domain.events import (
     BlobErased,
+    GroundTruthRecorded,
+    GroundTruthWithdrawn,
     ModelRegistered,
     PredictionFailed,
     PredictionMade,
@@ -90,7 +94,21 @@ class ErasureRow(msgspec.Struct, frozen=True):
     recorded_at: datetime
 
 
-Row = InputRow | PredictionRow | ErasureRow
+class LabelRow(msgspec.Struct, frozen=True):
+    """A label event: `label` None for a withdrawal."""
+
+    position: int
+    prediction_id: uuid.UUID  # the stream id
+    kind: str  # 'recorded' | 'withdrawn'
+    label: int | None
+    source: str | None
+    note: str | None
+    reason: str | None
+    actor: str | None
+    recorded_at: datetime
+
+
+Row = InputRow | PredictionRow | ErasureRow | LabelRow
 
 
 class SkippedEvent(Exception):
@@ -181,6 +199,13 @@ def row_from_fields(
         )
     if isinstance(decoded, BlobErased):
         return ErasureRow(blob_sha256=decoded.blob_sha256, position=position, recorded_at=recorded_at)
+    if isinstance(decoded, GroundTruthRecorded):
+        return LabelRow(position=position, prediction_id=stream_id, kind="recorded", label=decoded.label,
+                        source=decoded.source, note=decoded.note, reason=None, actor=decoded.actor,
+                        recorded_at=recorded_at)
+    if isinstance(decoded, GroundTruthWithdrawn):
+        return LabelRow(position=position, prediction_id=stream_id, kind="withdrawn", label=None, source=None,
+                        note=None, reason=decoded.reason, actor=decoded.actor, recorded_at=recorded_at)
     if isinstance(decoded, ModelRegistered):
         return None
     return None  # a known type this projection has no use for

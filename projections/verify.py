@@ -6,10 +6,10 @@
    position where it does is reported.
 2. Outside checkpoints of the chain head (signed heads kept outside the database): each
    `OutsideCheck` gets the verified head and answers a problem or None. None are wired yet.
-3. The read model: every event up to the live checkpoint is replayed into scratch tables
+3. The read model: every event up to the live tracked position is replayed into scratch tables
    (`read_model_create('pg_temp', false)`: the same definition, private to this session) and compared
    with the live tables column by column, as text (so -0.0 differs from 0.0, and jsonb compares
-   in its canonical form). The same snapshot sees the live tables and their checkpoint together.
+   in its canonical form). The same snapshot sees the live tables and their tracked position together.
 """
 
 from __future__ import annotations
@@ -21,27 +21,28 @@ from datetime import datetime
 import asyncpg
 import msgspec
 
-from db.store import StoredEvent
+from db.sql import quote_ident
+from db.store import StoredEvent, read_events
 from domain.chain import GENESIS_HASH, ChainBreak, find_break
 from projections.bulk import BulkWriter, pipeline
 from projections.read_model import (
-    CHECKPOINTS_TABLE,
+    TRACKING_TABLE,
     LIVE_SCHEMA,
     READ_MODEL,
     PreparedBatch,
-    quote_ident,
-    read_events,
 )
 from projections.rows import EventFields, fields_of
 
 SCRATCH_SCHEMA = "pg_temp"
 _SNAPSHOT_ID = re.compile(r"[0-9A-Fa-f-]+")
 
-# (table, key column, order column): compared in this order; the first difference is reported.
+# (table, key column or columns, order column): compared in this order; the first difference is reported.
 # In the order the API's readers and the rebuild's swap lock them (see rebuild.READ_MODEL_TABLES).
 COMPARED_TABLES = (
     ("predictions", "prediction_id", "position"),
     ("inputs", "input_id", "position"),
+    ("labels", "position", "position"),
+    ("quality_cells", ("model_sha256", "hour", "status", "likely_class", "truth", "bin"), "hour"),
     ("projection_errors", "position", "position"),
 )
 
@@ -68,7 +69,7 @@ class VerifyReport(msgspec.Struct, frozen=True):
     events: int
     head_position: int
     head_hash: str
-    checkpoint: int
+    tracked: int  # the read model's tracked position
     rows: dict[str, int]
     skipped_events: int
     chain_break: int | None = None
@@ -78,7 +79,7 @@ class VerifyReport(msgspec.Struct, frozen=True):
     def describe(self) -> str:
         lines = [
             f"events: {self.events}, head {self.head_position} {self.head_hash}",
-            f"read model checkpoint: {self.checkpoint}; rows: "
+            f"read model at position {self.tracked}; rows: "
             + ", ".join(f"{table} {count}" for table, count in self.rows.items()),
             f"events the projection stepped over: {self.skipped_events}",
         ]
@@ -130,9 +131,9 @@ class _Chain:
 
 
 async def _checked_pages(
-    reader: asyncpg.Connection, chain: _Chain, checkpoint: int, page_size: int
+    reader: asyncpg.Connection, chain: _Chain, tracked: int, page_size: int
 ) -> AsyncIterator[list[EventFields]]:
-    """Every event through the chain check; the ones up to the checkpoint on to the replay."""
+    """Every event through the chain check; the ones up to the tracked position on to the replay."""
     while page := await read_events(reader, chain.position, page_size):
         brk, chain.position, chain.hash = find_break(((e.chained(), e.hash) for e in page), chain.hash, chain.position)
         if brk is not None:
@@ -140,7 +141,7 @@ async def _checked_pages(
             return
         chain.follow_clock(page)
         chain.events += len(page)
-        yield [fields_of(event) for event in page if event.position <= checkpoint]
+        yield [fields_of(event) for event in page if event.position <= tracked]
 
 
 async def _verify_in_snapshot(
@@ -150,7 +151,7 @@ async def _verify_in_snapshot(
     page_size: int,
     outside_checks: Sequence[OutsideCheck],
 ) -> VerifyReport:
-    checkpoint = await connection.fetchval(f"SELECT position FROM {CHECKPOINTS_TABLE} WHERE name = $1", name) or 0
+    tracked = await connection.fetchval(f"SELECT position FROM {TRACKING_TABLE} WHERE name = $1", name) or 0
     await connection.execute("SELECT read_model_create($1, false)", SCRATCH_SCHEMA)
     writer = BulkWriter(SCRATCH_SCHEMA, log_skips=False)
     chain = _Chain()
@@ -160,11 +161,11 @@ async def _verify_in_snapshot(
         nonlocal skipped
         skipped += len(await writer.write(connection, batch))
 
-    await pipeline(_checked_pages(reader, chain, checkpoint, page_size), write)
+    await pipeline(_checked_pages(reader, chain, tracked, page_size), write)
 
     def report(problem: str | None = None, difference: Difference | None = None, rows: dict[str, int] | None = None):
         return VerifyReport(ok=problem is None, events=chain.events, head_position=chain.position,
-                            head_hash=chain.hash.hex(), checkpoint=checkpoint, rows=rows or {},
+                            head_hash=chain.hash.hex(), tracked=tracked, rows=rows or {},
                             skipped_events=skipped, problem=problem, difference=difference,
                             chain_break=chain.broken.position if chain.broken else None)
 
@@ -172,8 +173,8 @@ async def _verify_in_snapshot(
         return report(f"hash chain broken at position {chain.broken.position}: {chain.broken.reason}")
     if chain.time_went_back is not None:
         return report(chain.time_went_back)
-    if checkpoint > chain.position:
-        return report(f"the checkpoint ({checkpoint}) is beyond the last event ({chain.position})")
+    if tracked > chain.position:
+        return report(f"the read model's tracked position ({tracked}) is beyond the last event ({chain.position})")
     for check in outside_checks:
         problem = await check(connection, chain.position, chain.hash)
         if problem is not None:
@@ -205,15 +206,24 @@ async def _columns(connection: asyncpg.Connection, schema: str, table: str) -> l
     return [row[0] for row in rows]
 
 
-async def first_difference(connection: asyncpg.Connection, table: str, key: str, order: str) -> Difference | None:
-    """The first row (by `order`) where the live table and the replayed one differ."""
+async def first_difference(
+    connection: asyncpg.Connection, table: str, key: str | tuple[str, ...], order: str
+) -> Difference | None:
+    """The first row (by `order`) where the live table and the replayed one differ. `key` names
+    the column (or columns) that identify a row."""
     live_columns = await _columns(connection, LIVE_SCHEMA, table)
     scratch_columns = await _columns(connection, SCRATCH_SCHEMA, table)
     if live_columns != scratch_columns:
         extra = sorted(set(live_columns) ^ set(scratch_columns)) or ["(column order)"]
         return Difference(table=table, key="*", column=", ".join(extra), live=str(live_columns),
                           replayed=str(scratch_columns))
-    k, o = quote_ident(key), quote_ident(order)
+    keys = (key,) if isinstance(key, str) else key
+    name = ",".join(keys)
+
+    def row_key(alias: str) -> str:
+        return f"ROW({', '.join(f'{alias}.{quote_ident(k)}' for k in keys)})"
+
+    first, o = quote_ident(keys[0]), quote_ident(order)  # key columns are NOT NULL: a NULL is a missing row
     # Compared as text: exact for float8 (shortest round-trip spelling, -0 kept) and canonical
     # for jsonb; json would not compare at all.
     differs = [f"l.{quote_ident(c)}::text IS DISTINCT FROM s.{quote_ident(c)}::text" for c in live_columns]
@@ -222,24 +232,26 @@ async def first_difference(connection: asyncpg.Connection, table: str, key: str,
     scratch = f"{quote_ident(SCRATCH_SCHEMA)}.{quote_ident(table)}"
     row = await connection.fetchrow(
         f"""
-        SELECT coalesce(l.{k}, s.{k})::text AS key, l.{k} IS NULL AS no_live, s.{k} IS NULL AS no_replayed,
+        SELECT CASE WHEN l.{first} IS NULL THEN {row_key('s')} ELSE {row_key('l')} END::text AS key,
+               l.{first} IS NULL AS no_live, s.{first} IS NULL AS no_replayed,
                ARRAY[{flags}] AS flags, to_jsonb(l)::text AS live_row, to_jsonb(s)::text AS replayed_row
-        FROM {live} AS l FULL JOIN {scratch} AS s ON l.{k} = s.{k}
-        WHERE l.{k} IS NULL OR s.{k} IS NULL OR {" OR ".join(differs)}
+        FROM {live} AS l FULL JOIN {scratch} AS s ON {row_key('l')} = {row_key('s')}
+        WHERE l.{first} IS NULL OR s.{first} IS NULL OR {" OR ".join(differs)}
         ORDER BY coalesce(l.{o}, s.{o}), 1
         LIMIT 1
         """
     )
     if row is None:
         return None
+    key_text = row["key"] if len(keys) > 1 else row["key"][1:-1]  # ROW(x)::text spells "(x)"
     if row["no_live"] or row["no_replayed"]:
-        return Difference(table=table, key=f"{key}={row['key']}", column=None, live=row["live_row"],
+        return Difference(table=table, key=f"{name}={key_text}", column=None, live=row["live_row"],
                           replayed=row["replayed_row"])
     column = live_columns[row["flags"].index(True)]
     values = await connection.fetchrow(
-        f"SELECT (SELECT {quote_ident(column)}::text FROM {live} WHERE {k}::text = $1) AS live, "
-        f"(SELECT {quote_ident(column)}::text FROM {scratch} WHERE {k}::text = $1) AS replayed",
+        f"SELECT (SELECT {quote_ident(column)}::text FROM {live} AS l WHERE {row_key('l')}::text = $1) AS live, "
+        f"(SELECT {quote_ident(column)}::text FROM {scratch} AS s WHERE {row_key('s')}::text = $1) AS replayed",
         row["key"],
     )
-    return Difference(table=table, key=f"{key}={row['key']}", column=column, live=values["live"],
+    return Difference(table=table, key=f"{name}={key_text}", column=column, live=values["live"],
                       replayed=values["replayed"])

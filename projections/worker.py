@@ -21,17 +21,17 @@ import asyncpg
 
 from db.store import NOTIFY_CHANNEL
 from projections.read_model import (
-    CHECKPOINTS_TABLE,
+    TRACKING_TABLE,
     LIVE_SCHEMA,
     READ_MODEL,
-    CheckpointMoved,
+    TrackingMoved,
     ReadModelWriter,
     project_batch,
 )
 
 log = logging.getLogger(__name__)
 
-OnApplied = Callable[[int, int], Awaitable[None] | None]  # (checkpoint, events in the batch)
+OnApplied = Callable[[int, int], Awaitable[None] | None]  # (tracked position, events in the batch)
 
 
 def projection_lock_key(name: str) -> int:
@@ -49,7 +49,7 @@ def worker_server_settings(name: str) -> dict[str, str]:
         "tcp_keepalives_count": "3",
         # ... and a frozen worker mid-transaction must not hold its batch's locks forever.
         "idle_in_transaction_session_timeout": "30000",
-        # A rebuild's swap holds the checkpoint row briefly; wait for it, but not forever.
+        # A rebuild's swap holds the tracking row briefly; wait for it, but not forever.
         "lock_timeout": "30000",
         # Never keep a generic plan chosen while the read tables were empty (see append_settings).
         "plan_cache_mode": "force_custom_plan",
@@ -96,7 +96,7 @@ class ProjectionRunner:
         self._stopping = asyncio.Event()
         self._wake = asyncio.Event()
         self._active = False
-        self.position: int | None = None  # the checkpoint as of this runner's last batch
+        self.position: int | None = None  # the tracked position as of this runner's last batch
         self.events_applied = 0
         self.events_skipped = 0
         self.restarts = 0
@@ -162,7 +162,7 @@ class ProjectionRunner:
         self._active = True
         log.info("projection %s: this worker is active", self.name)
         await connection.add_listener(NOTIFY_CHANNEL, self._notified)
-        position = await self._checkpoint(connection)
+        position = await self._tracked_position(connection)
         self.position = position
         while not self._stopping.is_set():
             if connection.is_closed():
@@ -173,9 +173,9 @@ class ProjectionRunner:
                 position, count, errors = await project_batch(
                     connection, self._writer, name=self.name, expected=position, batch_size=self._batch_size
                 )
-            except CheckpointMoved as moved:
+            except TrackingMoved as moved:
                 log.warning("projection %s: %s; continuing from there", self.name, moved)
-                position = await self._checkpoint(connection)
+                position = await self._tracked_position(connection)
                 continue
             self.position = position
             if count:
@@ -190,12 +190,12 @@ class ProjectionRunner:
                     break
             await self._wait_for_work()
 
-    async def _checkpoint(self, connection: asyncpg.Connection) -> int:
-        position = await connection.fetchval(f"SELECT position FROM {CHECKPOINTS_TABLE} WHERE name = $1", self.name)
+    async def _tracked_position(self, connection: asyncpg.Connection) -> int:
+        position = await connection.fetchval(f"SELECT position FROM {TRACKING_TABLE} WHERE name = $1", self.name)
         if position is None:
             # Not created here: starting from 0 over populated tables would refuse every event
             # as a duplicate. The migration creates it; an operator who removed it must decide.
-            raise RuntimeError(f"no checkpoint row named {self.name!r} in {CHECKPOINTS_TABLE}")
+            raise RuntimeError(f"no tracking row named {self.name!r} in {TRACKING_TABLE}")
         return position
 
     # ---- waiting --------------------------------------------------------------------------

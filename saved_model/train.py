@@ -16,7 +16,7 @@ rotations and zooms) runs in the input pipeline only; the saved model is plain l
 stock `keras.models.load_model` without custom objects.
 
 Writes the `.keras` file and a sidecar `<stem>.json` (version, trained_at, data, held-out
-accuracy, parameter count) that `service.model.load_model` reads.
+accuracy, parameter count) that `inference.keras_model.load_model` reads.
 """
 
 from __future__ import annotations

@@ -3,6 +3,10 @@
 One way through the code: upload → domain → batcher → store → projection. Everything that must
 hold across processes lives in PostgreSQL; what lives here is per process (model, batcher,
 group committer, pools).
+
+`Services.start` returns only once every part that can be built without the model exists, so
+handlers receive a complete, typed `Services`. The model loads in the background (readiness
+stays red meanwhile): `services.model.serving()` answers the warm `Serving`, or raises `NotReady`.
 """
 
 from __future__ import annotations
@@ -10,147 +14,177 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from typing import Any
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import TypeVar
 
 import asyncpg
+from litestar.di import NamedDependency
+from litestar.params import SkipValidation
 
 from db.group_commit import GroupCommitter
 from db.store import CONNECTION_ERRORS, DatabaseUnavailable, EventStore
 from domain.model_port import ModelInfo
 from domain.preprocessing import PreprocessSpec
-from projections import queries
-from projections.checkpoints import ChainHeadCheckpointer, load_or_create_key
-from projections.worker import ProjectionRunner
-from service.batcher import MicroBatcher
-from service.config import Settings
-from service.database import create_pool
+from domain.quality import drift, quality_report
+from inference.batcher import MicroBatcher
+from infra.database import create_pool
+from infra.settings import Settings
+from projections import quality, queries
+from projections.process import ProjectionWorker
 from service.metrics import Metrics
-from service.predictions import PredictionService, register_model
-from service.problems import Problem
-from service.security import parse_api_keys
+from usecases.errors import NotReady
+from usecases.labels import LabelService
+from usecases.models import register_model
+from usecases.predict import PredictionService
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 WARM_UP_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# Requests in flight hold a few thousand young objects that refcounting frees later; with the
+# default gen-0 threshold (700) the collector walked them every few requests (BENCHMARKS.md).
 GC_GEN0_THRESHOLD = 10_000
 
 
-class Runtime:
-    def __init__(self, settings: Settings, app_dsn: str, *, run_projections: bool = True) -> None:
-        self.settings = settings
-        self.app_dsn = app_dsn
-        self.run_projections = run_projections
-        self.metrics = Metrics()
-        self.api_keys = parse_api_keys(settings.api_keys)
-        self.pool: asyncpg.Pool | None = None
-        self.read_pool: asyncpg.Pool | None = None
-        self.store: EventStore | None = None
-        self.committer: GroupCommitter | None = None
+@dataclass(frozen=True, slots=True)
+class Serving:
+    """The model once it is warm and registered, and what predicting needs of it."""
+
+    info: ModelInfo
+    spec: PreprocessSpec
+    predictions: PredictionService
+    log_id: str
+
+
+class ModelSlot:
+    """Loads, warms and registers the model in the background, then holds it."""
+
+    def __init__(self) -> None:
+        self._serving: Serving | None = None
+        self.error: str | None = None  # why the model cannot be served, for readiness
+        self.loaded: ModelInfo | None = None  # warm, perhaps not registered yet
         self.batcher: MicroBatcher | None = None
-        self.predictions: PredictionService | None = None
-        self.projector: ProjectionRunner | None = None
-        self.checkpointer: ChainHeadCheckpointer | None = None
-        self.model_info: ModelInfo | None = None
-        self.model_registered = False
-        self.model_error: str | None = None
-        self.log_id: str = ""
-        self._decoder = ThreadPoolExecutor(max_workers=2, thread_name_prefix="decode")
-        self._background: list[asyncio.Task[Any]] = []
 
-    # ---- lifecycle -----------------------------------------------------------------------
+    def serving(self) -> Serving:
+        if self._serving is None:
+            raise NotReady(self.error or "the model is loading; retry shortly")
+        return self._serving
 
-    async def start(self) -> None:
-        s = self.settings
+    @property
+    def ready(self) -> bool:
+        return self._serving is not None
+
+    def serve(self, serving: Serving) -> None:
+        """The model is warm and registered: predictions may start."""
+        self._serving = serving
+
+
+class LogIdentity:
+    """The log's id (it never changes once the first migration wrote it), read once."""
+
+    def __init__(self, store: EventStore) -> None:
+        self._store = store
+        self._id: str | None = None
+
+    async def id(self) -> str:
+        if self._id is None:
+            self._id = str(await self._store.log_id())
+        return self._id
+
+
+@dataclass(frozen=True, slots=True)
+class Services:
+    """Everything a request handler may use, complete once `start` returns."""
+
+    settings: Settings
+    metrics: Metrics
+    pool: asyncpg.Pool
+    read_pool: asyncpg.Pool
+    store: EventStore
+    committer: GroupCommitter
+    model: ModelSlot
+    projection: ProjectionWorker | None  # None: the projection worker runs in another process
+    labels: LabelService
+    log: LogIdentity
+    decoder: ThreadPoolExecutor
+    background: list[asyncio.Task[None]]
+
+    @classmethod
+    async def start(cls, settings: Settings, app_dsn: str, metrics: Metrics, *, run_projections: bool) -> "Services":
+        s = settings
         # min_size=0: the service starts (readiness red) while the database is down.
-        self.pool = await create_pool(self.app_dsn, s, min_size=0)
-        self.read_pool = (
-            await create_pool(s.database_read_url, s, min_size=0) if s.database_read_url else self.pool
+        pool = await create_pool(app_dsn, s, min_size=0)
+        read_pool = await create_pool(s.database_read_url, s, min_size=0) if s.database_read_url else pool
+        store = EventStore(pool)
+        committer = GroupCommitter(store, max_group=s.max_group, on_group=metrics.observe_commit)
+        committer.start()
+        projection = await ProjectionWorker.start(app_dsn, s) if run_projections else None
+        services = cls(
+            settings=s, metrics=metrics, pool=pool, read_pool=read_pool, store=store, committer=committer,
+            model=ModelSlot(), projection=projection, labels=LabelService(store, committer), log=LogIdentity(store),
+            decoder=ThreadPoolExecutor(max_workers=2, thread_name_prefix="decode"), background=[],
         )
-        self.store = EventStore(self.pool)
-        self.committer = GroupCommitter(self.store, max_group=s.max_group, on_group=self.metrics.observe_commit)
-        self.committer.start()
-        if self.run_projections:
-            # Chain heads are signed by whichever process holds the projection lock.
-            key = await asyncio.to_thread(load_or_create_key, s.checkpoint_key)
-            self.checkpointer = ChainHeadCheckpointer(
-                self.app_dsn, s.checkpoint_dir, key, interval_s=s.checkpoint_interval_s
-            )
-            await self.checkpointer.start()
-            self.projector = ProjectionRunner(
-                self.app_dsn, poll_interval_s=s.projection_poll_s, coalesce_s=s.projection_coalesce_s,
-                on_applied=self.checkpointer.on_applied,
-            )
-            await self.projector.start()
-        self._background.append(asyncio.create_task(self._bring_up_model(), name="model-warm-up"))
-        self._background.append(asyncio.create_task(self._learn_log_id(), name="log-id"))
+        services.background.append(asyncio.create_task(services._bring_up_model(), name="model-warm-up"))
+        return services
 
     async def stop(self) -> None:
         """Drain in order: inference, then pending commits, then the projector's batch."""
-        for task in self._background:
+        for task in self.background:
             task.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)
-        if self.batcher is not None:
-            await self.batcher.close()
-        if self.committer is not None:
-            await self.committer.close()
-        if self.projector is not None:
-            await self.projector.stop()
-        if self.checkpointer is not None:
-            await self.checkpointer.stop()
-        self._decoder.shutdown(wait=True)
-        if self.read_pool is not None and self.read_pool is not self.pool:
+        await asyncio.gather(*self.background, return_exceptions=True)
+        if self.model.batcher is not None:
+            await self.model.batcher.close()
+        await self.committer.close()
+        if self.projection is not None:
+            await self.projection.stop()
+        self.decoder.shutdown(wait=True)
+        if self.read_pool is not self.pool:
             await self.read_pool.close()
-        if self.pool is not None:
-            await self.pool.close()
+        await self.pool.close()
 
     async def _bring_up_model(self) -> None:
         s = self.settings
         try:
-            from service.model import load_model
+            from inference.keras_model import load_model
 
-            model = await asyncio.to_thread(load_model, s.model_path, max_batch=s.max_batch)
+            model = await asyncio.to_thread(load_model, s.model_path, max_batch=s.max_batch, threads=s.inference_threads)
             batcher = MicroBatcher(
                 model, max_batch=s.max_batch, max_queue=s.max_queue, max_wait_ms=s.batch_max_wait_ms,
                 metrics=self.metrics,
             )
             await batcher.start()
+            self.model.batcher = batcher
             sizes = [size for size in WARM_UP_BATCH_SIZES if size <= s.max_batch]
             await batcher.run_in_inference_thread(model.warm_up, sizes)
             height, width, channels = model.info.input_shape
             spec = PreprocessSpec(height=height, width=width, channels=channels)
         except Exception as error:  # a model that cannot serve: readiness says why
             log.exception("the model at %s cannot be served", s.model_path)
-            self.model_error = f"{type(error).__name__}: {error}"
+            self.model.error = f"{type(error).__name__}: {error}"
             return
-        self.batcher = batcher
-        assert self.store is not None and self.committer is not None
-        self.predictions = PredictionService(
-            model=model.info, spec=spec, batcher=batcher, committer=self.committer, store=self.store,
-            decoder=self._decoder, inline_decode_max_pixels=s.inline_decode_max_pixels,
-            on_decode=self.metrics.observe_decode,
-        )
-        self.model_info = model.info
+        self.model.loaded = model.info
         # TensorFlow leaves a large heap of long-lived objects that every full collection would
-        # walk again (measured: 15% of the event loop's time under load). Freeze what exists
-        # after warm-up so the collector only looks at what requests allocate.
+        # walk again. Freeze what exists after warm-up so the collector only looks at what
+        # requests allocate, and collect the young generation less often (cycles are rare on
+        # the request path).
         gc.collect()
         gc.freeze()
-        # Requests in flight hold a few thousand young objects that refcounting frees later, so
-        # with the default gen-0 threshold (700) the collector ran every ~20 requests at 64
-        # connections and walked live objects for nothing: 3% of the process's time (measured
-        # 755 ms of gen-0 and gen-1 collections in ~25 s). Cycles are rare on the request path: collect later.
         gc.set_threshold(GC_GEN0_THRESHOLD, *gc.get_threshold()[1:])
         await self._retry(lambda: register_model(self.store, model.info, model.artifact), "register the model")
-        self.model_registered = True
+        log_id = await self._retry(self.log.id, "read the log id")
+        predictions = PredictionService(
+            model=model.info, spec=spec, batcher=batcher, committer=self.committer, store=self.store,
+            decoder=self.decoder, inline_decode_max_pixels=s.inline_decode_max_pixels,
+            on_decode=self.metrics.observe_decode,
+        )
+        self.model.serve(Serving(info=model.info, spec=spec, predictions=predictions, log_id=log_id))
 
-    async def _learn_log_id(self) -> None:
-        assert self.store is not None
-        self.log_id = str(await self._retry(self.store.log_id, "read the log id"))
-
-    async def _retry(self, action, what: str):
+    async def _retry(self, action: Callable[[], Awaitable[T]], what: str) -> T:
         delay = 0.1
         while True:
             try:
@@ -160,21 +194,47 @@ class Runtime:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
-    # ---- request helpers -----------------------------------------------------------------
-
-    def require_model(self) -> ModelInfo:
-        if self.model_info is None or not self.model_registered or not self.log_id:
-            raise Problem(503, "warming_up", "the model is loading; retry shortly", headers={"Retry-After": "1"})
-        return self.model_info
-
     @asynccontextmanager
     async def reading(self) -> AsyncIterator[asyncpg.Connection]:
-        assert self.read_pool is not None
+        """A connection for queries (the replica when DATABASE_READ_URL is set)."""
         try:
             async with self.read_pool.acquire(timeout=self.settings.connect_timeout_s) as connection:
                 yield connection
         except CONNECTION_ERRORS as error:
             raise DatabaseUnavailable(f"database unavailable: {error}") from error
+
+    async def refresh_quality(self) -> None:
+        """The quality gauges of every model used in the last day (from the kept quality cells)."""
+        now = datetime.now(timezone.utc).replace(minute=0, second=0, microsecond=0)
+        windows = {"hour": now - timedelta(hours=1), "day": now - timedelta(days=1)}
+        end = now + timedelta(hours=1)
+        async with self.reading() as connection:
+            position = await queries.tracked_position(connection)
+            for sha256 in await quality.recently_used(connection, windows["day"]):
+                found = await quality.registration(connection, sha256)
+                if found is None:
+                    continue
+                model, classes = found[0].model, found[0].num_classes
+                measured = {}
+                for window, since in windows.items():
+                    measured[window] = quality.total(await quality.bucket_counts(
+                        connection, sha256, classes, position=position, current=True, since=since, until=end,
+                        bucket="day",
+                    ), classes)
+                    report = quality_report(measured[window])
+                    self.metrics.observe_quality(model.name, model.version, window, report.accuracy,
+                                                 report.label_coverage)
+                first = await quality.first_use(connection, sha256)
+                if first is not None:
+                    day_one = first.astimezone(timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
+                    reference = quality.total(await quality.bucket_counts(
+                        connection, sha256, classes, position=position, current=True, since=day_one,
+                        until=day_one + timedelta(days=1), bucket="day",
+                    ), classes)
+                    shift = drift(reference, measured["day"]).predicted_class_psi
+                    self.metrics.model_predicted_class_psi.labels(model.name, model.version).set(
+                        float("nan") if shift is None else shift
+                    )
 
     async def refresh_lag(self) -> queries.Lag:
         async with self.reading() as connection:
@@ -182,3 +242,7 @@ class Runtime:
         self.metrics.projection_lag_events.set(lag.events)
         self.metrics.projection_lag_seconds.set(lag.seconds)
         return lag
+
+
+# How handlers ask for the services: injected by name, and never validated (it is ours).
+ServicesDependency = NamedDependency[SkipValidation[Services]]

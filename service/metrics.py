@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, GCCollector, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    generate_latest,
+)
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -51,6 +58,27 @@ class Metrics:
         self.projection_lag_seconds = Gauge(
             "projection_lag_seconds", "Age of the oldest event not yet projected", registry=r
         )
+
+        # Model quality from the projection's quality cells (refreshed on each scrape). `window`
+        # "hour" counts from the start of the previous UTC hour, "day" from the same hour a day
+        # ago: the cells are hourly.
+        self.model_accuracy = Gauge(
+            "model_accuracy", "Correct over labelled made predictions", ["model", "version", "window"], registry=r
+        )
+        self.model_label_coverage = Gauge(
+            "model_label_coverage", "Labelled over made predictions", ["model", "version", "window"], registry=r
+        )
+        self.model_predicted_class_psi = Gauge(
+            "model_predicted_class_psi",
+            "Population stability index of the predicted classes over the last day against the model's first day",
+            ["model", "version"], registry=r,
+        )
+
+    def observe_quality(self, model: str, version: str, window: str, accuracy: float | None,
+                        coverage: float | None) -> None:
+        # A window without labels has no accuracy: NaN says "not measured" to Prometheus.
+        self.model_accuracy.labels(model, version, window).set(float("nan") if accuracy is None else accuracy)
+        self.model_label_coverage.labels(model, version, window).set(float("nan") if coverage is None else coverage)
 
     # the micro-batcher's metrics hook
     def observe_batch(self, size: int, inference_s: float) -> None:

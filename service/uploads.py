@@ -11,13 +11,20 @@ import asyncio
 from urllib.parse import unquote
 
 from litestar import Request
-from multipart import MultipartSegment, ParserError, PushMultipartParser  # type: ignore[import-untyped]
 from litestar._multipart import parse_content_header
+from multipart import (  # type: ignore[import-untyped]
+    MultipartError,
+    MultipartSegment,
+    ParserLimitReached,
+    PushMultipartParser,
+)
 
 from domain.uploads import Upload
 from service.problems import Problem
 
 FILE_FIELD = "file"
+MAX_PARTS = 16
+MAX_PART_HEADERS = 8
 
 
 class ClientGone(Exception):
@@ -84,7 +91,7 @@ def _from_multipart(body: bytes, boundary: str | None) -> Upload:
         raise Problem(400, "bad_multipart", "multipart/form-data needs a boundary")
     try:
         parser = PushMultipartParser(
-            boundary.encode(), max_header_count=8, max_segment_count=16, strict=False
+            boundary.encode(), max_header_count=MAX_PART_HEADERS, max_segment_count=MAX_PARTS, strict=False
         )
         segment: MultipartSegment | None = None
         found: tuple[MultipartSegment, bytearray] | None = None
@@ -99,7 +106,12 @@ def _from_multipart(body: bytes, boundary: str | None) -> Upload:
             elif segment is not None and segment.name == FILE_FIELD and found is None:
                 current += event
         parser.close()
-    except ParserError as error:
+    except ParserLimitReached as error:
+        raise Problem(
+            400, "multipart_limit",
+            f"the multipart body exceeds a limit ({MAX_PARTS} parts, {MAX_PART_HEADERS} headers per part): {error}",
+        ) from None
+    except MultipartError as error:
         raise Problem(400, "bad_multipart", f"the multipart body is malformed: {error}") from None
     if found is None:
         raise Problem(422, "missing_file", f"the multipart form has no `{FILE_FIELD}` field")

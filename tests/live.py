@@ -1,4 +1,4 @@
-"""A real service process (`python -m service`) on a free port, for HTTP and fault tests."""
+"""A real service process (`python -m cli serve`) on a free port, for HTTP and fault tests."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ class LiveService:
     def start(self, ready_timeout_s: float = 120.0) -> "LiveService":
         self._log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "service"], cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT
+            [sys.executable, "-m", "cli", "serve"], cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT
         )
         deadline = time.monotonic() + ready_timeout_s
         while time.monotonic() < deadline:
@@ -88,8 +88,8 @@ class LiveService:
 
 
 def projection_workers(service_pid: int) -> list[int]:
-    """Pids of the `python -m projections run` children a service started (PROJECTIONS=process)."""
-    wanted = ["projections", "run", "--exit-with-parent", str(service_pid)]
+    """Pids of the `python -m cli project` children a service started (PROJECTIONS=process)."""
+    wanted = ["cli", "project", "--exit-with-parent", str(service_pid)]
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():

@@ -96,8 +96,8 @@ async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float = 5.
         await asyncio.sleep(interval_s)
 
 
-async def checkpoint_of(connection: asyncpg.Connection | asyncpg.Pool) -> int:
-    return await connection.fetchval("SELECT position FROM projection_checkpoints WHERE name = 'read_model'")
+async def tracked_position_of(connection: asyncpg.Connection | asyncpg.Pool) -> int:
+    return await connection.fetchval("SELECT position FROM projection_tracking WHERE name = 'read_model'")
 
 
 async def head_of(connection: asyncpg.Connection | asyncpg.Pool) -> int:
@@ -110,7 +110,7 @@ async def caught_up(connection: asyncpg.Connection | asyncpg.Pool, timeout_s: fl
 
 
 async def _at_least(connection: asyncpg.Connection | asyncpg.Pool, position: int) -> bool:
-    return await checkpoint_of(connection) >= position
+    return await tracked_position_of(connection) >= position
 
 
 async def waiting_on_lock(connection: asyncpg.Connection, application_name: str = "projection:read_model") -> bool:

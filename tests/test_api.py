@@ -1,4 +1,4 @@
-"""The HTTP API over real HTTP, against a real `python -m service` and a real PostgreSQL."""
+"""The HTTP API over real HTTP, against a real `python -m cli serve` and a real PostgreSQL."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import base64
 import hashlib
 import io
 import json
+import time
 import uuid
 
 import asyncpg
@@ -190,8 +191,8 @@ def test_model_and_openapi_and_metrics(client):
     assert "multipart/form-data" in schema["paths"]["/prediction"]["post"]["requestBody"]["content"]
     assert upload(client, digit(0)[0]).status_code == 201
     hostile = "/prediction/' OR 1=1 --"
-    client.get(hostile)
-    client.get(f"/prediction/{uuid.uuid4()}")
+    assert_problem(client.get(hostile), 404)  # not a route: an id that is not a UUID matches none
+    assert_problem(client.get(f"/prediction/{uuid.uuid4()}"), 404)
     metrics = client.get("/metrics").text
     assert 'route="/prediction/{prediction_id}"' in metrics and 'route="/prediction"' in metrics
     assert "OR 1=1" not in metrics
@@ -236,7 +237,9 @@ def test_truncated_png_is_422(client):
 def test_decompression_bomb_is_refused_fast(client):
     buffer = io.BytesIO()
     Image.new("L", (10_000, 10_000)).save(buffer, format="PNG")  # 100 Mpx, a few KB compressed
+    started = time.monotonic()
     response = upload(client, buffer.getvalue())
+    assert time.monotonic() - started < 1.0  # refused from the header, before any decoding
     body = assert_problem(response, 422)
     assert "pixels" in body["detail"] or "large" in body["detail"]
 

@@ -161,6 +161,6 @@ def test_projections_inline_run_in_the_service_and_keep_read_your_writes(service
     assert projection_workers(service.process.pid) == []
     content = digit_files()[0][0].read_bytes()
     created = client.post("/prediction/", files={"file": ("d.png", content, "image/png")}, headers=ALL)
-    assert created.status_code in (201, 500), created.text  # the NaN model fails bright images only
+    assert created.status_code == 201, created.text  # the NaN model fails bright images only: a digit is dark
     listed = client.get("/predictions/", headers=ALL)
     assert created.json()["prediction_id"] in [item["prediction_id"] for item in listed.json()["items"]]

@@ -1,4 +1,4 @@
-"""service.batcher: batching, isolation of failures, bounded queue, draining on close."""
+"""inference.batcher: batching, isolation of failures, bounded queue, draining on close."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 
 from domain.model_port import ModelInfo, likely_class
 from domain.preprocessing import PreprocessSpec, preprocess
-from service.batcher import (
+from inference.batcher import (
     BatchStats,
     BatcherClosed,
     InferenceError,
@@ -20,7 +20,7 @@ from service.batcher import (
     Outcome,
     QueueFull,
 )
-from service.model import KerasModel, load_model
+from inference.keras_model import KerasModel, load_model
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).parent / "fixtures"

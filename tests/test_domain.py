@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import ast
-import pathlib
 import uuid
 
 import msgspec
@@ -15,23 +13,6 @@ from domain import events as ev
 from domain.chain import GENESIS_HASH, ChainedRecord, canonical_bytes, find_break, from_microseconds, link, to_microseconds
 from domain.streams import StreamRuleViolation, check_stream, erasure_stream_id, model_stream_id
 from tests.factories import MODEL, prediction_request
-
-FORBIDDEN = {"asyncpg", "litestar", "tensorflow", "keras", "uvicorn", "service", "db", "projections", "psycopg"}
-
-
-def test_domain_imports_no_io_framework_or_tensorflow():
-    root = pathlib.Path(__file__).resolve().parent.parent / "domain"
-    offenders = []
-    for path in root.rglob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = []
-            if isinstance(node, ast.Import):
-                names = [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                names = [node.module]
-            offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0] in FORBIDDEN]
-    assert offenders == []
-
 
 def _events():
     requested, made = prediction_request().events

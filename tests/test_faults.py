@@ -131,10 +131,10 @@ async def test_sigterm_drains_every_accepted_request(database, tmp_path):
     connection = await asyncpg.connect(database.owner_dsn)
     try:
         head = await connection.fetchval("SELECT max(position) FROM events")
-        checkpoint = await connection.fetchval("SELECT position FROM projection_checkpoints")
+        tracked = await connection.fetchval("SELECT position FROM projection_tracking")
     finally:
         await connection.close()
-    assert checkpoint == head
+    assert tracked == head
 
 
 async def test_a_projection_worker_that_dies_is_restarted(database, tmp_path):
@@ -177,6 +177,8 @@ async def test_database_outage_fast_503s_then_recovery_without_restart(database,
         statuses = [r.status_code for r in during if isinstance(r, httpx.Response)]
         assert len(statuses) == 30 and set(statuses) == {503}, statuses
         assert all(r.headers["content-type"].startswith("application/problem+json") for r in during)
+        # the database outage itself, not a model that is not ready
+        assert {r.json()["type"] for r in during} == {"urn:problem:database_unavailable"}
         assert all(r.headers.get("retry-after") for r in during)
         assert elapsed < 30  # 30 requests, 6 at a time, each bounded by the 1-2 s timeouts
         async with httpx.AsyncClient(base_url=service.url, timeout=10) as http:

@@ -9,7 +9,7 @@ import msgspec
 from litestar.testing import TestClient
 
 from service.app import create_app
-from service.config import Settings
+from infra.settings import Settings
 
 
 def settings(**changes) -> Settings:
@@ -50,9 +50,16 @@ def test_ready_is_red_with_problem_free_details_when_the_database_is_unreachable
         assert response.status_code == 503
         assert response.headers["retry-after"] == "1"
         assert response.json()["checks"]["database"]["ok"] is False
+        # The model cannot be registered without a database, so the service is not ready to
+        # predict: 503 warming_up (an outage after start-up answers database_unavailable:
+        # tests/test_faults.py drills that path).
         upload = client.post("/prediction/", content=b"x", headers={"content-type": "image/png"})
-        assert upload.status_code == 503  # warming up or no database: either way, retry later
+        assert upload.status_code == 503 and upload.headers["retry-after"] == "1"
         assert upload.headers["content-type"].startswith("application/problem+json")
+        assert upload.json()["type"] == "urn:problem:warming_up"
+        # a read that needs the database says so
+        listed = client.get("/predictions/")
+        assert listed.status_code == 503 and listed.json()["type"] == "urn:problem:database_unavailable"
 
 
 def test_unknown_route_and_wrong_method_answer_problem_json(database):

@@ -1,4 +1,4 @@
-"""service.model (TensorFlow adapter) with the committed default model and the tiny test models."""
+"""inference.keras_model (TensorFlow adapter) with the committed default model and the tiny test models."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 
 from domain.model_port import Model, ModelInfo, is_finite, likely_class
 from domain.preprocessing import PreprocessSpec, preprocess
-from service.model import KerasModel, load_model
+from inference.keras_model import KerasModel, load_model
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = REPO / "saved_model" / "mnist_convnet.keras"

@@ -16,13 +16,12 @@ import pytest
 
 from db.store import AppendRequest, EventStore
 from domain.chain import ChainedRecord, link, to_microseconds
-from domain.events import PredictionMade
 from projections.queries import (
     get_prediction,
     lag,
     list_predictions,
     prediction_view_from_events,
-    wait_for_checkpoint,
+    wait_until_projected,
 )
 from projections.rebuild import rebuild
 from projections.verify import verify
@@ -95,18 +94,18 @@ async def test_view_from_events_equals_the_projected_view(database, app_pool, ow
         await runner.stop()
 
 
-async def test_lag_and_the_bounded_wait_for_the_checkpoint(database, app_pool, owner):
+async def test_lag_and_the_bounded_wait_for_the_projection(database, app_pool, owner):
     store = EventStore(app_pool)
     assert await lag(app_pool) == (await lag(app_pool)).__class__(events=0, seconds=0.0)
     head = await append(store, prediction_request(), prediction_request())
     await asyncio.sleep(0.05)
     behind = await lag(app_pool)
     assert behind.events == head == 4 and behind.seconds >= 0.05
-    assert not await wait_for_checkpoint(app_pool, head, 0.1)
+    assert not await wait_until_projected(app_pool, head, 0.1)
     runner = runner_for(database.app_dsn)
     await runner.start()
     try:
-        assert await wait_for_checkpoint(app_pool, head, 5)
+        assert await wait_until_projected(app_pool, head, 5)
         current = await lag(app_pool)
         assert current.events == 0 and current.seconds == 0.0
     finally:
@@ -217,8 +216,8 @@ async def test_verify_passes_and_detects_an_edited_read_table_row(database, app_
     odd = odd_request()
     await projected(database, app_pool, owner, *requests, odd)
     report = await verify(database.owner_dsn)
-    assert report.ok and report.checkpoint == report.head_position == 12
-    assert report.rows == {"inputs": 6, "predictions": 6, "projection_errors": 0}
+    assert report.ok and report.tracked == report.head_position == 12
+    assert report.rows == {"inputs": 6, "predictions": 6, "labels": 0, "quality_cells": 2, "projection_errors": 0}
 
     await owner.execute("UPDATE predictions SET likely_class = 3 WHERE prediction_id = $1", requests[2].stream_id)
     report = await verify(database.owner_dsn)
@@ -267,7 +266,7 @@ async def test_verify_detects_an_added_json_key(database, app_pool, owner):
 
 def _cli(database, *args: str) -> subprocess.CompletedProcess:
     environment = {**os.environ, "DATABASE_URL": database.owner_dsn, "PYTHONPATH": str(PROJECT_ROOT)}
-    return subprocess.run([sys.executable, "-m", "projections", *args], cwd=PROJECT_ROOT, env=environment,
+    return subprocess.run([sys.executable, "-m", "cli", *args], cwd=PROJECT_ROOT, env=environment,
                           capture_output=True, timeout=30)
 
 
@@ -332,7 +331,8 @@ async def test_a_made_event_of_another_schema_shape_is_not_mistaken(database, ap
         await caught_up(owner)
         view = await get_prediction(app_pool, request.stream_id)
         assert view is not None and view == prediction_view_from_events(await store.read_stream(request.stream_id))
-        assert isinstance(request.events[1], PredictionMade)
+        assert view.status == "made" and view.output == made["output"] and view.likely_class == made["likely_class"]
+        assert await owner.fetchval("SELECT count(*) FROM projection_errors") == 0
     finally:
         await runner.stop()
 

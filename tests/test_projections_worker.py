@@ -17,7 +17,7 @@ import pytest
 from db.store import EventStore
 from domain.events import encode_event
 from projections.queries import get_prediction, list_predictions
-from projections.read_model import CheckpointMoved, ReadModelWriter, project_batch
+from projections.read_model import TrackingMoved, ReadModelWriter, project_batch
 from projections.worker import ProjectionRunner
 from tests.factories import prediction_request
 from tests.proxy import TcpProxy
@@ -25,7 +25,7 @@ from tests.projection_support import (
     append,
     append_raw,
     caught_up,
-    checkpoint_of,
+    tracked_position_of,
     digest_of,
     erasure,
     eventually,
@@ -156,7 +156,7 @@ async def test_cancelled_mid_batch_resumes_without_duplicates_or_gaps(database, 
             runner._task.cancel()  # type: ignore[union-attr]
             with pytest.raises(asyncio.CancelledError):
                 await runner._task  # type: ignore[misc]
-        assert await checkpoint_of(owner) == 0
+        assert await tracked_position_of(owner) == 0
         assert await table_counts(owner) == (0, 0, 0)
     finally:
         await blocker.close()
@@ -181,7 +181,8 @@ def _spawn_worker(database, **env) -> subprocess.Popen:
         "PYTHONPATH": str(PROJECT_ROOT),
         **env,
     }
-    return subprocess.Popen([sys.executable, "-m", "projections", "run", "--batch-size", "7"], cwd=PROJECT_ROOT,
+    environment.setdefault("PROJECTION_BATCH_SIZE", "7")
+    return subprocess.Popen([sys.executable, "-m", "cli", "project"], cwd=PROJECT_ROOT,
                             env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
@@ -250,16 +251,16 @@ async def test_a_deposed_workers_late_write_is_refused(database, app_pool, owner
     deposed = await asyncpg.connect(database.app_dsn)
     successor = await asyncpg.connect(database.app_dsn)
     try:
-        # Both saw checkpoint 0; the successor applies first.
+        # Both saw position 0; the successor applies first.
         position, count, _ = await project_batch(successor, writer, name="read_model", expected=0, batch_size=100)
         assert (position, count) == (4, 4)
-        with pytest.raises(CheckpointMoved):
+        with pytest.raises(TrackingMoved):
             await project_batch(deposed, writer, name="read_model", expected=0, batch_size=100)
-        assert await table_counts(owner) == (2, 2, 0) and await checkpoint_of(owner) == 4
+        assert await table_counts(owner) == (2, 2, 0) and await tracked_position_of(owner) == 4
         # The compare-and-set itself refuses a stale position, whatever came before it.
         async with deposed.transaction():
             status = await deposed.execute(
-                "UPDATE projection_checkpoints SET position = 99 WHERE name = 'read_model' AND position = 0"
+                "UPDATE projection_tracking SET position = 99 WHERE name = 'read_model' AND position = 0"
             )
         assert status == "UPDATE 0"
     finally:
@@ -275,14 +276,14 @@ async def test_notify_wakes_the_worker_promptly(database, app_pool, owner):
         await eventually(lambda: _is_active(runner))
         await asyncio.sleep(0.1)  # past the first (empty) batch: now waiting for a notification
         await append(store, prediction_request())
-        took = await eventually(lambda: _checkpoint_is(owner, 2), timeout_s=5, interval_s=0.005)
+        took = await eventually(lambda: _tracked_position_is(owner, 2), timeout_s=5, interval_s=0.005)
         assert took < 1.0
     finally:
         await runner.stop()
 
 
-async def _checkpoint_is(connection, position: int) -> bool:
-    return await checkpoint_of(connection) == position
+async def _tracked_position_is(connection, position: int) -> bool:
+    return await tracked_position_of(connection) == position
 
 
 async def test_polling_catches_up_when_notifications_are_missed(database, app_pool, owner):
@@ -292,7 +293,7 @@ async def test_polling_catches_up_when_notifications_are_missed(database, app_po
         await eventually(lambda: _is_active(runner))
         # Appended without a NOTIFY: only the poll can find it.
         position = await append_raw(owner, "ModelRegistered", encode_event(model_registration().events[0]))
-        await eventually(lambda: _checkpoint_is(owner, position), timeout_s=3)
+        await eventually(lambda: _tracked_position_is(owner, position), timeout_s=3)
     finally:
         await runner.stop()
 
@@ -336,7 +337,7 @@ async def test_stop_drains_the_batch_in_hand(database, app_pool, owner):
             await asyncio.sleep(0.2)
             assert not stopping.done()  # waiting for its batch
         await asyncio.wait_for(stopping, 5)
-        assert await checkpoint_of(owner) == await head_of(owner) == 20
+        assert await tracked_position_of(owner) == await head_of(owner) == 20
         assert await table_counts(owner) == (10, 10, 0)
     finally:
         await blocker.close()
@@ -355,7 +356,7 @@ async def test_sigterm_drains_the_standalone_worker(database, app_pool, owner):
             await asyncio.sleep(0.2)
             assert process.poll() is None  # still finishing its batch
         assert await asyncio.to_thread(process.wait, 10) == 0
-        assert await checkpoint_of(owner) == 7  # its batch of 7 events was committed, then it stopped
+        assert await tracked_position_of(owner) == 7  # its batch of 7 events was committed, then it stopped
         assert await lock_holders(owner) == 0
     finally:
         if process.poll() is None:

@@ -23,7 +23,7 @@ from projections.checkpoints import (
 )
 from projections.audit_checks import original_bytes
 from projections.verify import verify
-from service.erase import ErasureRefused, erase
+from usecases.erase import ErasureRefused, erase
 from tests.factories import prediction_request
 
 

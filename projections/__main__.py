@@ -1,5 +1,0 @@
-import sys
-
-from projections.cli import main
-
-sys.exit(main())

@@ -1,0 +1,223 @@
+"""Model quality from the read tables: counts per time bucket, as of any position of the log.
+
+The counts are the sufficient statistics of `domain.quality` (accuracy, per-class precision,
+recall and F1, confusion, calibration, Brier, drift), aggregated by PostgreSQL into small cells
+(bucket × status × predicted class × true label × confidence bin) and folded into
+`QualityCounts` here. "As of position P" takes the predictions whose outcome is at or before P and,
+for each, the label that was current at P (the `labels` table keeps every label event with the
+position that superseded it), so an earlier state of the log is a query, not a replay.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Literal
+
+import asyncpg
+import msgspec
+
+from domain.events import ModelRegistered, decode_event
+from domain.quality import BINS, QualityCounts, empty, merge
+from domain.streams import model_stream_id
+
+Bucket = Literal["hour", "day"]
+# The lower edges of confidence bins 1 … 9: width_bucket(c, edges) is domain.quality's bin of c.
+EDGES_SQL = "ARRAY[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]::float8[]"
+
+
+def confidence_sql(output: str) -> str:
+    """The top confidence of a recorded output (a scalar model's p is read as [1 - p, p])."""
+    return (f"CASE WHEN {output} IS NULL THEN NULL "
+            f"WHEN cardinality({output}) = 1 THEN greatest(1 - {output}[1], {output}[1]) "
+            f"ELSE (SELECT max(v) FROM unnest({output}) AS v) END")
+
+
+def brier_sql(output: str, truth: str) -> str:
+    """Sum over classes of (p_k - y_k)^2 with y the one-hot label; NULL without output or label."""
+    return (f"CASE WHEN {output} IS NULL OR {truth} IS NULL THEN NULL "
+            f"WHEN cardinality({output}) = 1 "
+            f"THEN (1 - {output}[1] - ({truth} = 0)::int) ^ 2 + ({output}[1] - ({truth} = 1)::int) ^ 2 "
+            f"ELSE (SELECT sum((v - (i - 1 = {truth})::int) ^ 2) FROM unnest({output}) WITH ORDINALITY AS o(v, i)) END")
+
+
+class ModelEntry(msgspec.Struct, frozen=True, kw_only=True):
+    sha256: str
+    name: str
+    version: str
+    num_classes: int
+    output_kind: str
+    registered_at: datetime
+    registered_position: int
+    predictions: int
+    failed: int
+    labelled: int
+    first_used: datetime | None
+    last_used: datetime | None
+
+
+class BucketCounts(msgspec.Struct, frozen=True):
+    start: datetime
+    counts: QualityCounts
+
+
+_CELLS_SQL = f"""
+    WITH judged AS (
+        SELECT p.recorded_at, p.status, p.likely_class, p.output, {{truth}} AS truth
+        FROM public.predictions AS p
+        {{label_join}}
+        WHERE p.model_sha256 = $1 AND p.position <= $2 AND p.recorded_at >= $3 AND p.recorded_at < $4
+    ), features AS (
+        SELECT date_trunc($5, recorded_at AT TIME ZONE 'UTC') AS bucket, status, likely_class, truth,
+               {confidence_sql("output")} AS confidence, {brier_sql("output", "truth")} AS brier
+        FROM judged
+    )
+    SELECT bucket, status, likely_class, truth, width_bucket(confidence, {EDGES_SQL}) AS bin, count(*) AS n,
+           coalesce(sum(confidence), 0) AS confidence_sum, coalesce(sum(brier), 0) AS brier_sum
+    FROM features
+    GROUP BY bucket, status, likely_class, truth, bin
+    ORDER BY bucket, status, likely_class, truth, bin
+"""
+_CURRENT = _CELLS_SQL.format(truth="p.label", label_join="")
+# The label current at $2: the latest label event at or before it (a withdrawal has no label).
+_AS_OF = _CELLS_SQL.format(
+    truth="l.label",
+    label_join="""LEFT JOIN LATERAL (
+            SELECT label FROM public.labels
+            WHERE prediction_id = p.prediction_id AND position <= $2 ORDER BY position DESC LIMIT 1
+        ) AS l ON true""",
+)
+
+
+# The same cells, kept current by the projection (hourly): summed instead of recomputed.
+_KEPT = """
+    SELECT date_trunc($4, hour) AS bucket, status, nullif(likely_class, -1) AS likely_class,
+           nullif(truth, -1) AS truth, nullif(bin, -1) AS bin, sum(n)::bigint AS n,
+           sum(confidence_sum)::float8 AS confidence_sum, sum(brier_sum)::float8 AS brier_sum
+    FROM public.quality_cells
+    WHERE model_sha256 = $1 AND hour >= ($2 AT TIME ZONE 'UTC') AND hour < ($3 AT TIME ZONE 'UTC') AND n > 0
+    GROUP BY 1, 2, 3, 4, 5
+    ORDER BY 1, 2, 3, 4, 5
+"""
+
+
+def _on_the_hour(moment: datetime) -> bool:
+    return moment.minute == moment.second == moment.microsecond == 0 and moment.utcoffset() is not None \
+        and moment.utcoffset().seconds % 3600 == 0  # type: ignore[union-attr]
+
+
+async def bucket_counts(
+    connection: asyncpg.Connection, sha256: str, num_classes: int, *, position: int, current: bool,
+    since: datetime, until: datetime, bucket: Bucket, kept: bool = True,
+) -> list[BucketCounts]:
+    """The model's counts per bucket over [since, until), as of `position` (`current`: the read
+    tables' own state, which is the state at their tracked position). The current state over
+    whole hours comes from the cells the projection keeps (`kept`); anything else is aggregated
+    from the predictions and the label history."""
+    if current and kept and _on_the_hour(since) and _on_the_hour(until):
+        rows = await connection.fetch(_KEPT, sha256, since, until, bucket)
+    else:
+        rows = await connection.fetch(_CURRENT if current else _AS_OF, sha256, position, since, until, bucket)
+    buckets: dict[datetime, list[asyncpg.Record]] = {}
+    for row in rows:
+        buckets.setdefault(row["bucket"], []).append(row)
+    return [BucketCounts(start, _fold(cells, num_classes)) for start, cells in buckets.items()]
+
+
+def _fold(cells: Sequence[asyncpg.Record], k: int) -> QualityCounts:
+    c = empty(k)
+    predictions = failed = labelled = labelled_failed = correct = 0
+    brier = 0.0
+    for cell in cells:
+        n, truth, predicted = cell["n"], cell["truth"], cell["likely_class"]
+        if cell["status"] == "failed":
+            failed += n
+            labelled_failed += n if truth is not None else 0
+            continue
+        b = min(cell["bin"], BINS - 1)
+        predictions += n
+        c.predicted_class_counts[predicted] += n
+        c.confidence_histogram[b] += n
+        if truth is None:
+            continue
+        hit = n if truth == predicted else 0
+        labelled += n
+        correct += hit
+        c.confusion[truth][predicted] += n
+        c.bin_counts[b] += n
+        c.bin_confidence_sums[b] += cell["confidence_sum"]
+        c.bin_correct[b] += hit
+        brier += cell["brier_sum"]
+    return msgspec.structs.replace(
+        c, predictions=predictions, failed=failed, labelled=labelled, labelled_failed=labelled_failed,
+        correct=correct, brier_sum=brier,
+    )
+
+
+def total(buckets: Sequence[BucketCounts], num_classes: int) -> QualityCounts:
+    return merge((b.counts for b in buckets), num_classes)
+
+
+async def registration(connection: asyncpg.Connection, sha256: str) -> tuple[ModelRegistered, int, datetime] | None:
+    """The model's ModelRegistered event, its position and time (None: never registered)."""
+    row = await connection.fetchrow(
+        "SELECT event_type, schema_version, data, position, recorded_at FROM events WHERE stream_id = $1"
+        " ORDER BY stream_version LIMIT 1",
+        model_stream_id(sha256),
+    )
+    if row is None:
+        return None
+    event = decode_event(row["event_type"], row["schema_version"], row["data"])
+    return (event, row["position"], row["recorded_at"]) if isinstance(event, ModelRegistered) else None
+
+
+async def models(connection: asyncpg.Connection, sha256: str | None = None) -> list[ModelEntry]:
+    """Every registered model (or the one named), oldest registration first, with its use: the
+    counts from the kept quality cells, the first and last use from the predictions' index."""
+    rows = await connection.fetch(
+        """
+        SELECT r.event_type, r.schema_version, r.data, r.position, r.recorded_at,
+               coalesce(c.predictions, 0) AS predictions, coalesce(c.failed, 0) AS failed,
+               coalesce(c.labelled, 0) AS labelled, u.first_used, u.last_used
+        FROM (SELECT e.*, e.data::jsonb -> 'model' ->> 'sha256' AS sha256
+              FROM events AS e WHERE e.event_type = 'ModelRegistered') AS r
+        LEFT JOIN LATERAL (
+            SELECT sum(n) FILTER (WHERE status = 'made')::bigint AS predictions,
+                   sum(n) FILTER (WHERE status = 'failed')::bigint AS failed,
+                   sum(n) FILTER (WHERE status = 'made' AND truth <> -1)::bigint AS labelled
+            FROM public.quality_cells WHERE model_sha256 = r.sha256
+        ) AS c ON true
+        LEFT JOIN LATERAL (
+            SELECT (SELECT min(recorded_at) FROM public.predictions WHERE model_sha256 = r.sha256) AS first_used,
+                   (SELECT max(recorded_at) FROM public.predictions WHERE model_sha256 = r.sha256) AS last_used
+        ) AS u ON true
+        WHERE $1::text IS NULL OR r.sha256 = $1
+        ORDER BY r.position
+        """,
+        sha256,
+    )
+    entries = []
+    for row in rows:
+        event = decode_event(row["event_type"], row["schema_version"], row["data"])
+        if not isinstance(event, ModelRegistered):
+            continue
+        entries.append(ModelEntry(
+            sha256=event.model.sha256, name=event.model.name, version=event.model.version,
+            num_classes=event.num_classes, output_kind=event.output_kind, registered_at=row["recorded_at"],
+            registered_position=row["position"], predictions=row["predictions"], failed=row["failed"],
+            labelled=row["labelled"], first_used=row["first_used"], last_used=row["last_used"],
+        ))
+    return entries
+
+
+async def first_use(connection: asyncpg.Connection, sha256: str) -> datetime | None:
+    return await connection.fetchval("SELECT min(recorded_at) FROM public.predictions WHERE model_sha256 = $1", sha256)
+
+
+
+async def recently_used(connection: asyncpg.Connection, since: datetime) -> list[str]:
+    """The models with predictions in the kept cells since `since` (an hour boundary)."""
+    rows = await connection.fetch(
+        "SELECT DISTINCT model_sha256 FROM public.quality_cells WHERE hour >= ($1 AT TIME ZONE 'UTC')", since
+    )
+    return [row["model_sha256"] for row in rows]

@@ -1,0 +1,212 @@
+"""Ground truth for past predictions: record a label (or a correction), many at once, withdraw the
+current one, read the history. Labels are appended to the prediction's own stream as its next version, through
+the same group commit as uploads; two labels sent at once for one prediction both land, in order
+(the loser of the version check reads the stream again and goes next)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import msgspec
+
+from db.group_commit import GroupCommitter
+from db.store import (
+    AppendRequest,
+    Committed,
+    DatabaseUnavailable,
+    EventStore,
+    IdempotencyKeyReused,
+    Replayed,
+    StoredEvent,
+    VersionConflict,
+)
+from domain.events import Event, LabelBatchItem, LabelBatchRecorded, ModelRegistered
+from domain.labels import (
+    MAX_BULK_ITEMS,
+    LabelEntry,
+    LabelTarget,
+    label_history,
+    label_target,
+    parse_item,
+    record_label,
+    withdraw_label,
+)
+from domain.rejections import Rejected
+from domain.streams import model_stream_id
+from usecases.errors import NotFound, Overloaded
+from usecases.predict import Recorded
+
+# A label loses the version check only to another write to the same prediction that committed
+# meanwhile; each retry sees that write, so a burst of N concurrent labels needs at most N tries.
+MAX_ATTEMPTS = 32
+
+
+class BulkOutcome(msgspec.Struct, frozen=True):
+    """What became of each item of a bulk request, and where it was recorded."""
+
+    items: list[LabelBatchItem]
+    events: dict[int, StoredEvent]  # item index -> its GroundTruthRecorded
+    batch: StoredEvent  # the LabelBatchRecorded
+    head_position: int
+    head_hash: bytes
+    replayed: bool = False
+
+
+class LabelService:
+    def __init__(self, store: EventStore, committer: GroupCommitter) -> None:
+        self._store = store
+        self._committer = committer
+        self._classes: dict[str, int] = {}  # model sha256 -> number of classes (never changes)
+
+    async def record(
+        self, prediction_id: uuid.UUID, *, label: object, source: object, note: object = None,
+        actor: str | None = None, metadata: dict[str, Any],
+    ) -> Recorded:
+        """Raises NotFound for an unknown prediction, `Rejected` for a label it cannot have."""
+
+        async def decide(target: LabelTarget) -> Event:
+            classes = target.num_classes or await self._model_classes(target.model_sha256)
+            return record_label(target, classes, label, source, note, actor)
+
+        return await self._append(prediction_id, decide, metadata)
+
+    async def withdraw(
+        self, prediction_id: uuid.UUID, *, reason: object, actor: str | None = None, metadata: dict[str, Any]
+    ) -> Recorded:
+        """Raises NotFound, or `Rejected` (`no_current_label`) when nothing is current."""
+
+        async def decide(target: LabelTarget) -> Event:
+            return withdraw_label(target, reason, actor)
+
+        return await self._append(prediction_id, decide, metadata)
+
+    async def record_many(
+        self, raw_items: Sequence[object], *, default_source: str | None = None, actor: str | None = None,
+        idempotency_key: str | None = None, fingerprint: bytes | None = None, metadata: dict[str, Any],
+    ) -> BulkOutcome:
+        """A bulk label request: each item answers for itself (a bad or unknown one never refuses
+        the others), and everything accepted is appended in one transaction with the request's own
+        `LabelBatchRecorded`, all or nothing. A retry with the same `idempotency_key` (and the same
+        body: `fingerprint`) returns the first answer and appends nothing."""
+        if len(raw_items) > MAX_BULK_ITEMS:
+            raise Rejected("too_many_label_items", f"at most {MAX_BULK_ITEMS} items per request")
+        if idempotency_key is not None:
+            found = await self._store.find_idempotency_key(idempotency_key)
+            if found is not None:
+                if fingerprint is not None and found[0] != fingerprint:
+                    raise IdempotencyKeyReused(idempotency_key)
+                return await self._replay_batch(found[1])
+        for _ in range(MAX_ATTEMPTS):
+            items, by_stream, targets = await self._plan(raw_items, default_source, actor)
+            batch = LabelBatchRecorded(items=items, actor=actor)
+            requests = [AppendRequest(
+                stream_id=uuid.uuid4(), expected_version=0, events=[batch], metadata=metadata,
+                idempotency_key=idempotency_key, request_sha256=fingerprint,
+            )]
+            requests += [
+                AppendRequest(stream_id=stream, expected_version=targets[stream].version, events=events, metadata=metadata)
+                for stream, events in by_stream.items()
+            ]
+            outcomes = await self._store.append(requests, all_or_nothing=True)
+            first = outcomes[0]
+            if isinstance(first, Replayed):  # a concurrent twin took the key first: its answer stands
+                return await self._replay_batch(first.stream_id)
+            if isinstance(first, IdempotencyKeyReused | DatabaseUnavailable):
+                raise first
+            if all(isinstance(outcome, Committed) for outcome in outcomes):
+                return self._answer(items, outcomes)  # type: ignore[arg-type]
+            if not any(isinstance(outcome, VersionConflict) for outcome in outcomes):
+                raise next(o for o in outcomes if not isinstance(o, Committed))  # type: ignore[misc]
+            # A label for one of these predictions committed meanwhile: read again, plan again.
+        raise Overloaded("the predictions of this request are being labelled by too many writers at once; retry")
+
+    async def _plan(
+        self, raw_items: Sequence[object], default_source: str | None, actor: str | None
+    ) -> tuple[list[LabelBatchItem], dict[uuid.UUID, list[Event]], dict[uuid.UUID, LabelTarget]]:
+        parsed: list[tuple[int, Any]] = []
+        for index, raw in enumerate(raw_items):
+            try:
+                parsed.append((index, parse_item(raw, default_source)))
+            except Rejected as refused:
+                parsed.append((index, refused))
+        wanted = {item.prediction_id for _, item in parsed if not isinstance(item, Rejected)}
+        streams = await self._store.read_streams(list(wanted))
+        targets = {stream: target for stream, events in streams.items()
+                   if (target := label_target([event.decode() for event in events])) is not None}
+        items: list[LabelBatchItem] = []
+        by_stream: dict[uuid.UUID, list[Event]] = {}
+        for index, item in parsed:
+            if isinstance(item, Rejected):
+                prediction = raw_items[index].get("prediction_id") if isinstance(raw_items[index], dict) else None
+                items.append(LabelBatchItem(index=index, prediction_id=prediction if isinstance(prediction, str) else None,
+                                            code=item.code, detail=item.message))
+                continue
+            stream, target = item.prediction_id, targets.get(item.prediction_id)
+            try:
+                if target is None:
+                    raise NotFound("prediction_not_found", f"no prediction {stream}")
+                classes = target.num_classes or await self._model_classes(target.model_sha256)
+                event = record_label(target, classes, item.label, item.source, item.note, actor)
+            except (Rejected, NotFound) as refused:
+                items.append(LabelBatchItem(index=index, prediction_id=str(stream), code=refused.code, detail=str(refused)))
+                continue
+            pending = by_stream.setdefault(stream, [])
+            pending.append(event)
+            items.append(LabelBatchItem(index=index, prediction_id=str(stream), stream_version=target.version + len(pending)))
+        return items, by_stream, targets
+
+    def _answer(self, items: list[LabelBatchItem], outcomes: list[Committed]) -> BulkOutcome:
+        stored = {(event.stream_id, event.stream_version): event for outcome in outcomes[1:] for event in outcome.events}
+        events = {item.index: stored[(uuid.UUID(item.prediction_id), item.stream_version)]
+                  for item in items if item.stream_version is not None and item.prediction_id is not None}
+        return BulkOutcome(items=items, events=events, batch=outcomes[0].events[0],
+                           head_position=outcomes[0].head_position, head_hash=outcomes[0].head_hash)
+
+    async def _replay_batch(self, batch_stream: uuid.UUID) -> BulkOutcome:
+        (stored,) = await self._store.read_stream(batch_stream)
+        batch = stored.decode()
+        if not isinstance(batch, LabelBatchRecorded):
+            raise IdempotencyKeyReused("the Idempotency-Key was used for another kind of request")
+        places = [(uuid.UUID(i.prediction_id), i.stream_version) for i in batch.items
+                  if i.stream_version is not None and i.prediction_id is not None]
+        found = await self._store.find_events(places)
+        events = {i.index: found[(uuid.UUID(i.prediction_id), i.stream_version)] for i in batch.items
+                  if i.stream_version is not None and i.prediction_id is not None}
+        head_position, head_hash = await self._store.head()
+        return BulkOutcome(items=batch.items, events=events, batch=stored, head_position=head_position,
+                           head_hash=head_hash, replayed=True)
+
+    async def history(self, prediction_id: uuid.UUID) -> list[LabelEntry]:
+        stored = await self._store.read_stream(prediction_id)
+        events = [event.decode() for event in stored]
+        if label_target(events) is None:
+            raise NotFound("prediction_not_found", f"no prediction {prediction_id}")
+        return label_history(events)
+
+    async def _append(
+        self, prediction_id: uuid.UUID, decide: Callable[[LabelTarget], Any], metadata: dict[str, Any]
+    ) -> Recorded:
+        for _ in range(MAX_ATTEMPTS):
+            stored = await self._store.read_stream(prediction_id)
+            target = label_target([event.decode() for event in stored])
+            if target is None:
+                raise NotFound("prediction_not_found", f"no prediction {prediction_id}")
+            event = await decide(target)
+            outcome = await self._committer.append(AppendRequest(
+                stream_id=prediction_id, expected_version=target.version, events=[event], metadata=metadata,
+            ))
+            if isinstance(outcome, Committed):
+                return Recorded(outcome.events, outcome.head_position, outcome.head_hash)
+            if not isinstance(outcome, VersionConflict):
+                raise outcome  # type: ignore[misc]
+        raise Overloaded(f"prediction {prediction_id} is being labelled by too many writers at once; retry")
+
+    async def _model_classes(self, sha256: str) -> int:
+        if sha256 not in self._classes:
+            registration = [event.decode() for event in await self._store.read_stream(model_stream_id(sha256))]
+            if not registration or not isinstance(registration[0], ModelRegistered):
+                raise NotFound("model_not_found", f"model {sha256} was never registered: its classes are unknown")
+            self._classes[sha256] = registration[0].num_classes
+        return self._classes[sha256]
