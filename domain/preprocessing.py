@@ -9,7 +9,9 @@ Pipeline, in this order:
    recognises are refused as `unsupported_format`; bytes that carry an allowed format's signature
    but do not parse are refused as `undecodable_image`.
 2. Check width * height against `max_pixels` *before* decoding (Pillow itself only raises at
-   twice its own limit), and refuse zero-sized images (`image_too_large`, `empty_image`).
+   twice its own limit), and refuse zero-sized images (`image_too_large`, `empty_image`). A
+   WebP's declared size is checked before Pillow even opens it: its decoder allocates the canvas
+   while opening.
 3. Decode the first frame only (animated GIF/PNG/WebP, multi-page TIFF).
 4. Apply the EXIF orientation tag, so the tensor shows the picture the way a viewer shows it.
 5. Normalise the pixel data to 8 bits per channel:
@@ -31,6 +33,15 @@ Pipeline, in this order:
    an IEEE-754 correctly rounded division, so every value lies in [0, 1] and 0 and 255 map
    exactly to 0.0 and 1.0. The array is float32, shape (H, W, C), C-contiguous;
    `tensor_sha256` is the sha256 of its little-endian bytes.
+
+Memory: steps 4 to 7 act on each pixel alone (or only move it), so they run on strips of rows
+(`STRIP_PIXELS`) written into one image in the model's mode; the result is bit for bit the
+whole-image one. At full resolution only the decoded frame (Pillow: 1, 2 or 4 bytes a pixel) and
+that image (1 or 4 bytes a pixel) exist, plus the decoder's own buffers: libwebp's two canvases and
+a copy of the frame make WebP the costliest, 16 bytes a pixel. `max_pixels` defaults to
+`MEMORY_BUDGET_BYTES // WORST_BYTES_PER_PIXEL`. JPEG `draft` and `reduce` are not used: they
+would change the tensor of every image larger than the model's input, and with it what
+`reproduce` recomputes for predictions already in a log.
 """
 
 from __future__ import annotations
@@ -41,7 +52,7 @@ from typing import Final
 
 import msgspec
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, UnidentifiedImageError
 
 from domain.events import ImageFacts
 from domain.rejections import Rejected
@@ -55,6 +66,10 @@ RESAMPLING: Final[dict[str, Image.Resampling]] = {
     "lanczos": Image.Resampling.LANCZOS,
 }
 SCALES: Final = ("divide_255",)
+
+# One decode's peak memory at the largest accepted image (measured: README, "Memory").
+MEMORY_BUDGET_BYTES: Final = 256 * 1024 * 1024
+WORST_BYTES_PER_PIXEL: Final = 16  # an RGBA WebP; PNG, TIFF, BMP, GIF and JPEG take about 8 at most
 
 # Leading bytes of the formats we may allow: they tell "an allowed format, but broken" from
 # "not an allowed image at all" when Pillow cannot identify the bytes, and give a stored
@@ -78,7 +93,7 @@ class PreprocessSpec(msgspec.Struct, frozen=True):
     resample: str = "bilinear"
     scale: str = "divide_255"
     background: int = 0
-    max_pixels: int = 40_000_000
+    max_pixels: int = MEMORY_BUDGET_BYTES // WORST_BYTES_PER_PIXEL  # 16,777,216 (4096 x 4096)
     formats: tuple[str, ...] = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP")
 
     def __post_init__(self) -> None:
@@ -140,9 +155,12 @@ def preprocess(data: bytes, spec: PreprocessSpec) -> Preprocessed:
 
 def open_image(data: bytes, spec: PreprocessSpec) -> OpenedImage:
     """Steps 1 and 2: identify the format and check the declared size. Raises Rejected."""
+    declared = _webp_canvas_size(data) if "WEBP" in (name.upper() for name in spec.formats) else None
+    if declared is not None:
+        _check_size(*declared, spec)
     image = _open(data, spec)
     try:
-        width, height = _check_size(image, spec)
+        width, height = _check_size(*image.size, spec)
     except BaseException:
         image.close()
         raise
@@ -156,7 +174,6 @@ def decode_opened(opened: OpenedImage, spec: PreprocessSpec) -> Preprocessed:
         info = _describe(image, opened.width, opened.height)
         try:
             image.seek(0)
-            ImageOps.exif_transpose(image, in_place=True)
             pixels = _to_model_pixels(image, spec)
         except Rejected:
             raise
@@ -200,8 +217,22 @@ def sniff_format(data: bytes, formats: tuple[str, ...] | None = None) -> str | N
     return None
 
 
-def _check_size(image: Image.Image, spec: PreprocessSpec) -> tuple[int, int]:
-    width, height = image.size
+def _webp_canvas_size(data: bytes) -> tuple[int, int] | None:
+    """The canvas size a WebP header declares (VP8X extended, VP8L lossless, VP8 lossy), else None."""
+    if not (data.startswith(b"RIFF") and data[8:12] == b"WEBP") or len(data) < 30:
+        return None
+    chunk = data[12:16]
+    if chunk == b"VP8X":
+        return int.from_bytes(data[24:27], "little") + 1, int.from_bytes(data[27:30], "little") + 1
+    if chunk == b"VP8L" and data[20] == 0x2F:
+        bits = int.from_bytes(data[21:25], "little")
+        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+    if chunk == b"VP8 " and data[23:26] == b"\x9d\x01\x2a":
+        return int.from_bytes(data[26:28], "little") & 0x3FFF, int.from_bytes(data[28:30], "little") & 0x3FFF
+    return None
+
+
+def _check_size(width: int, height: int, spec: PreprocessSpec) -> tuple[int, int]:
     if width < 1 or height < 1:
         raise Rejected("empty_image", f"the image has no pixels ({width}x{height})")
     if width * height > spec.max_pixels:
@@ -222,16 +253,68 @@ def _describe(image: Image.Image, width: int, height: int) -> ImageFacts:
 
 
 def _to_model_pixels(image: Image.Image, spec: PreprocessSpec) -> np.ndarray:
-    """Decoded frame -> uint8 array (H, W) or (H, W, 3) at the model's size."""
+    """Decoded frame -> uint8 array (H, W) or (H, W, 3) at the model's size.
+
+    Steps 5 to 7 are per pixel and step 4 only moves pixels, so they run a strip of rows at a
+    time into one image in the model's mode: at full resolution nothing but the decoded frame and
+    that image exists (no wider copy), and the result is bit for bit the whole-image one.
+    """
+    image.load()
+    target_mode = "L" if spec.channels == 1 else "RGB"
+    method = _TRANSPOSITIONS.get(image.getexif().get(ExifTags.Base.Orientation, 1))
+    if method is None and image.mode == target_mode and "transparency" not in image.info:
+        upright = image
+    else:
+        upright = _normalise_in_strips(image, method, target_mode, spec.background)
+    if upright.size != (spec.width, spec.height):
+        upright = upright.resize((spec.width, spec.height), RESAMPLING[spec.resample])
+    return np.asarray(upright, dtype=np.uint8)
+
+
+# ImageOps.exif_transpose's table: EXIF orientation -> the transposition that shows the picture.
+_TRANSPOSITIONS: Final[dict[int, Image.Transpose]] = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+_SWAPS_AXES: Final = frozenset(
+    {Image.Transpose.TRANSPOSE, Image.Transpose.ROTATE_270, Image.Transpose.TRANSVERSE, Image.Transpose.ROTATE_90}
+)
+# Where a strip of source rows [top, bottom) lands once transposed: rows become columns when the
+# axes swap, and the order reverses for the transpositions that flip vertically (or turn clockwise).
+_FROM_THE_END: Final = frozenset(
+    {Image.Transpose.ROTATE_180, Image.Transpose.FLIP_TOP_BOTTOM, Image.Transpose.ROTATE_270,
+     Image.Transpose.TRANSVERSE}
+)
+STRIP_PIXELS: Final = 1 << 18  # pixels per strip: bounds the scratch memory of steps 4 to 7
+
+
+def _normalise_in_strips(
+    image: Image.Image, method: Image.Transpose | None, target_mode: str, background: int
+) -> Image.Image:
+    width, height = image.size
+    out = Image.new(target_mode, (height, width) if method in _SWAPS_AXES else (width, height))
+    rows = max(1, STRIP_PIXELS // width)
+    for top in range(0, height, rows):
+        bottom = min(height, top + rows)
+        strip = _normalise(image.crop((0, top, width, bottom)), target_mode, background)
+        if method is not None:
+            strip = strip.transpose(method)
+        offset = height - bottom if method in _FROM_THE_END else top
+        out.paste(strip, (offset, 0) if method in _SWAPS_AXES else (0, offset))
+    return out
+
+
+def _normalise(image: Image.Image, target_mode: str, background: int) -> Image.Image:
+    """Steps 5 to 7 on any Pillow mode (a crop keeps the palette and `transparency`)."""
     image = _to_8bit(image)
     if image.mode in ("LA", "RGBA"):
-        image = _composite(image, spec.background)
-    target_mode = "L" if spec.channels == 1 else "RGB"
-    if image.mode != target_mode:
-        image = image.convert(target_mode)
-    if image.size != (spec.width, spec.height):
-        image = image.resize((spec.width, spec.height), RESAMPLING[spec.resample])
-    return np.asarray(image, dtype=np.uint8)
+        image = _composite(image, background)
+    return image if image.mode == target_mode else image.convert(target_mode)
 
 
 def _to_8bit(image: Image.Image) -> Image.Image:
@@ -271,12 +354,9 @@ def _gray_from_16bit(values: np.ndarray) -> Image.Image:
 
 
 def _composite(image: Image.Image, background: int) -> Image.Image:
-    """Flatten LA / RGBA onto a uniform gray, in integer arithmetic."""
-    pixels = np.asarray(image, dtype=np.uint32)
-    color, alpha = pixels[..., :-1], pixels[..., -1:]
-    flat = (color * alpha + background * (255 - alpha) + 127) // 255
-    flat = flat.astype(np.uint8)
-    if image.mode == "LA":
-        return Image.fromarray(flat[..., 0])
-    return Image.fromarray(flat)
-
+    """Flatten LA / RGBA onto a uniform gray, in 8 bits: Pillow's masked paste computes
+    (c * a + background * (255 - a) + 127) // 255 exactly (a test checks every c, a, background)."""
+    flat_mode = image.mode[:-1]
+    flat = Image.new(flat_mode, image.size, (background,) * len(flat_mode))
+    flat.paste(image if flat_mode == "RGB" else image.convert("L"), mask=image.getchannel("A"))
+    return flat

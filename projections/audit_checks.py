@@ -64,9 +64,13 @@ def original_bytes(notes: list[str]) -> OutsideCheck:
                 erased += 1
                 continue
             return f"blob {row['digest']} (named at position {row['position']}) is missing and was not erased: tampered"
-        stray = await connection.fetchval("SELECT count(*) FROM blobs WHERE sha256(content) <> sha256")
+        stray = await connection.fetch(
+            "SELECT encode(sha256, 'hex') AS digest FROM blobs WHERE sha256(content) <> sha256"
+            " ORDER BY stored_at, sha256"
+        )
         if stray:
-            return f"{stray} stored blob(s) do not match their digest: tampered"
+            return (f"blob {stray[0]['digest']} (named by no event) does not match its digest: tampered"
+                    f" ({len(stray)} such blob(s))")
         notes.append(f"original uploads: all present and intact, {erased} erased (recorded by BlobErased)")
         return None
 

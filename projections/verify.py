@@ -1,7 +1,9 @@
 """Verify the log and the read model inside ONE REPEATABLE READ snapshot.
 
 1. The hash chain, page by page (`domain.chain.find_break`): any change to any column of any
-   event, an added JSON key included, breaks it at that position.
+   event, an added JSON key included, breaks it at that position. Along it, `recorded_at` must
+   never decrease (append_events never writes an earlier time than the head's): the first
+   position where it does is reported.
 2. Outside checkpoints of the chain head (signed heads kept outside the database): each
    `OutsideCheck` gets the verified head and answers a problem or None. None are wired yet.
 3. The read model: every event up to the live tracked position is replayed into scratch tables
@@ -14,12 +16,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from datetime import datetime
 
 import asyncpg
 import msgspec
 
 from db.sql import quote_ident
-from db.store import read_events
+from db.store import StoredEvent, read_events
 from domain.chain import GENESIS_HASH, ChainBreak, find_break
 from projections.bulk import BulkWriter, pipeline
 from projections.read_model import (
@@ -114,6 +117,17 @@ class _Chain:
     def __init__(self) -> None:
         self.position, self.hash, self.events = 0, GENESIS_HASH, 0
         self.broken: ChainBreak | None = None
+        self.recorded_at: datetime | None = None  # of the last event walked
+        self.time_went_back: str | None = None  # the first event recorded before its predecessor
+
+    def follow_clock(self, page: Sequence[StoredEvent]) -> None:
+        for event in page:
+            if self.time_went_back is None and self.recorded_at is not None and event.recorded_at < self.recorded_at:
+                self.time_went_back = (
+                    f"recorded_at goes back in time at position {event.position}: {event.recorded_at.isoformat()}"
+                    f" is before {self.recorded_at.isoformat()} at position {event.position - 1}"
+                )
+            self.recorded_at = event.recorded_at
 
 
 async def _checked_pages(
@@ -125,6 +139,7 @@ async def _checked_pages(
         if brk is not None:
             chain.broken = brk
             return
+        chain.follow_clock(page)
         chain.events += len(page)
         yield [fields_of(event) for event in page if event.position <= tracked]
 
@@ -156,6 +171,8 @@ async def _verify_in_snapshot(
 
     if chain.broken is not None:
         return report(f"hash chain broken at position {chain.broken.position}: {chain.broken.reason}")
+    if chain.time_went_back is not None:
+        return report(chain.time_went_back)
     if tracked > chain.position:
         return report(f"the read model's tracked position ({tracked}) is beyond the last event ({chain.position})")
     for check in outside_checks:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import uuid
+from datetime import timedelta
 
 import asyncpg
 import msgspec
@@ -19,7 +21,7 @@ from db.store import (
     Replayed,
     VersionConflict,
 )
-from domain.chain import GENESIS_HASH, find_break, link
+from domain.chain import GENESIS_HASH, ChainedRecord, find_break, link, to_microseconds
 from domain.events import PredictionMade, PredictionRequested
 from tests.factories import prediction_request
 
@@ -294,3 +296,96 @@ async def test_an_append_without_events_is_refused_alone(app_pool):
     assert isinstance(outcomes[0], Committed) and isinstance(outcomes[2], Committed)
     assert isinstance(outcomes[1], AppendRejected)
     assert outcomes[2].head_position == 4 and await store.head() == (4, outcomes[2].head_hash)
+
+
+# --- only append_events writes the log (issue 17, item 4) ----------------------------------------
+
+
+async def test_the_service_role_cannot_write_the_log_tables_directly(app_pool):
+    """Before: audit_app had INSERT, so it could add a correctly hashed stream dated in the past
+    and the chain verified. Now every write goes through append_events."""
+    store = EventStore(app_pool)
+    (first,) = await store.append([prediction_request()])
+    head = first.events[-1]
+    backdated = head.recorded_at - timedelta(days=365)
+    record = ChainedRecord(position=head.position + 1, stream_id=str(uuid.uuid4()), stream_version=1,
+                           event_type="PredictionRequested", schema_version=1,
+                           recorded_at_us=to_microseconds(backdated), data="{}", metadata="{}")
+    content = b"forged upload"
+    for statement, *args in [
+        ("INSERT INTO events (position, stream_id, stream_version, event_type, schema_version, data, metadata,"
+         " recorded_at, hash) VALUES ($1, $2::uuid, $3, $4, $5, $6::json, $7::json, $8, $9)",
+         record.position, record.stream_id, 1, record.event_type, 1, "{}", "{}", backdated, link(head.hash, record)),
+        ("INSERT INTO blobs (sha256, content, size_bytes) VALUES ($1, $2, $3)",
+         hashlib.sha256(content).digest(), content, len(content)),
+        ("INSERT INTO idempotency_keys (key, request_sha256, stream_id, position) VALUES ('k', '', $1, 1)",
+         uuid.uuid4()),
+    ]:
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await app_pool.execute(statement, *args)
+    assert await store.head() == (head.position, head.hash)
+
+    (second,) = await store.append([prediction_request(key="through-the-function")])  # still as audit_app
+    assert isinstance(second, Committed) and second.head_position == head.position + 2
+    assert await app_pool.fetchval("SELECT current_user") == "audit_app"
+    assert await store.find_idempotency_key("through-the-function") is not None
+
+
+async def test_append_events_runs_as_a_nologin_role_that_only_audit_app_may_call(owner):
+    function = await owner.fetchrow(
+        """
+        SELECT p.prosecdef, p.proconfig, r.rolname, r.rolcanlogin, r.rolsuper,
+               has_function_privilege('audit_app', p.oid, 'EXECUTE') AS app_may_call,
+               coalesce(p.proacl::text[], '{}') AS acl
+        FROM pg_proc AS p JOIN pg_roles AS r ON r.oid = p.proowner
+        WHERE p.proname = 'append_events' AND p.pronamespace = 'public'::regnamespace
+        """
+    )
+    assert function["prosecdef"] and function["proconfig"] == ["search_path=pg_catalog, public, pg_temp"]
+    assert (function["rolname"], function["rolcanlogin"], function["rolsuper"]) == ("audit_log_writer", False, False)
+    assert function["app_may_call"]
+    assert not any(entry.startswith("=") for entry in function["acl"])  # nothing granted to PUBLIC
+    for table in ("events", "blobs", "idempotency_keys"):
+        assert await owner.fetchval("SELECT has_table_privilege('audit_app', $1, 'SELECT')", table)
+        for privilege in ("INSERT", "UPDATE", "DELETE", "TRUNCATE", "REFERENCES", "TRIGGER"):
+            assert not await owner.fetchval("SELECT has_table_privilege('audit_app', $1, $2)", table, privilege)
+    assert not await owner.fetchval("SELECT has_schema_privilege('audit_app', 'public', 'CREATE')")
+
+
+async def test_a_temporary_table_cannot_stand_in_for_the_log(database):
+    """pg_temp is searched first for tables unless a search_path names it: the function's own
+    search_path puts it last and its tables are schema-qualified."""
+    pool = await asyncpg.create_pool(database.app_dsn, min_size=1, max_size=1)  # one session
+    try:
+        await pool.execute("CREATE TEMP TABLE events (LIKE public.events)")
+        await pool.execute("GRANT ALL ON pg_temp.events TO PUBLIC")
+        await pool.execute(
+            "INSERT INTO pg_temp.events VALUES (41, gen_random_uuid(), 1, 'Fake', 1, '{}', '{}', now(), $1)", bytes(32)
+        )
+        (outcome,) = await EventStore(pool).append([prediction_request()])
+        assert isinstance(outcome, Committed) and outcome.head_position == 2
+        assert await pool.fetchval("SELECT count(*) FROM public.events") == 2
+        assert await pool.fetchval("SELECT count(*) FROM pg_temp.events") == 1
+    finally:
+        await pool.close()
+
+
+async def test_recorded_at_never_goes_back_even_when_the_clock_does(app_pool, owner):
+    """A head recorded ahead of the clock (as after the clock stepped back): the next append
+    takes the head's time, not an earlier one."""
+    store = EventStore(app_pool)
+    (first,) = await store.append([prediction_request()])
+    head = first.events[-1]
+    ahead = head.recorded_at + timedelta(hours=1)
+    record = ChainedRecord(position=head.position + 1, stream_id=str(uuid.uuid4()), stream_version=1,
+                           event_type="SomethingNew", schema_version=1, recorded_at_us=to_microseconds(ahead),
+                           data="{}", metadata="{}")
+    await owner.execute(
+        "INSERT INTO events (position, stream_id, stream_version, event_type, schema_version, data, metadata,"
+        " recorded_at, hash) VALUES ($1, $2::uuid, 1, $3, 1, '{}', '{}', $4, $5)",
+        record.position, record.stream_id, record.event_type, ahead, link(head.hash, record),
+    )
+    (second,) = await store.append([prediction_request()])
+    assert [event.recorded_at for event in second.events] == [ahead, ahead]
+    assert (await verify(store))[0] is None
+

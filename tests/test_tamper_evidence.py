@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import uuid
+from datetime import timedelta
 
 import asyncpg
 import pytest
 
 from db.store import Committed, EventStore, stored_event
-from domain.chain import GENESIS_HASH, find_break, link
+from domain.chain import GENESIS_HASH, ChainedRecord, find_break, link, to_microseconds
 from projections.checkpoints import (
     ChainHeadCheckpointer,
     check_against_log,
@@ -19,6 +21,8 @@ from projections.checkpoints import (
     sign,
     write,
 )
+from projections.audit_checks import original_bytes
+from projections.verify import verify
 from usecases.erase import ErasureRefused, erase
 from tests.factories import prediction_request
 
@@ -129,3 +133,47 @@ async def test_only_the_erasure_path_may_delete_a_blob(app_pool, owner):
         await owner.execute("SELECT set_config('audit.erasing_blob', $1, true)", "00" * 32)
         with pytest.raises(asyncpg.InsufficientPrivilegeError):
             await owner.execute("DELETE FROM blobs WHERE sha256 = $1", digest)
+
+
+# --- what the chain alone does not show (issue 17, item 4) ----------------------------------------
+
+
+async def test_verify_reports_an_event_recorded_before_its_predecessor(app_pool, database, owner):
+    """A superuser (the only one left who can insert by hand) adds a correctly hashed event
+    dated before the head: the chain verifies, the clock does not."""
+    committed = await fill(app_pool, 2)
+    assert (await verify(database.owner_dsn)).ok
+    head = committed[-1].events[-1]
+    backdated = head.recorded_at - timedelta(seconds=1)
+    record = ChainedRecord(position=head.position + 1, stream_id=str(uuid.uuid4()), stream_version=1,
+                           event_type="SomethingNew", schema_version=1,
+                           recorded_at_us=to_microseconds(backdated), data="{}", metadata="{}")
+    await owner.execute(
+        "INSERT INTO events (position, stream_id, stream_version, event_type, schema_version, data, metadata,"
+        " recorded_at, hash) VALUES ($1, $2::uuid, 1, $3, 1, '{}', '{}', $4, $5)",
+        record.position, record.stream_id, record.event_type, backdated, link(head.hash, record),
+    )
+    report = await verify(database.owner_dsn)
+    assert report.chain_break is None and not report.ok
+    assert report.problem.startswith(f"recorded_at goes back in time at position {head.position + 1}:"), report.problem
+
+
+@pytest.mark.parametrize("named", [True, False], ids=["an-uploads-blob", "a-blob-no-event-names"])
+async def test_verify_reports_a_blob_whose_bytes_do_not_match_its_digest(app_pool, database, owner, named):
+    committed = await fill(app_pool, 2)
+    notes: list[str] = []
+    assert (await verify(database.owner_dsn, outside_checks=[original_bytes(notes)])).ok
+    if named:
+        digest = committed[1].events[0].decode().blob_sha256
+        async with owner.transaction():
+            await owner.execute("ALTER TABLE blobs DISABLE TRIGGER USER")
+            await owner.execute("UPDATE blobs SET content = 'other bytes', size_bytes = 11 WHERE sha256 = $1",
+                                bytes.fromhex(digest))
+            await owner.execute("ALTER TABLE blobs ENABLE TRIGGER USER")
+    else:
+        digest = hashlib.sha256(b"what the digest says").hexdigest()
+        await owner.execute("INSERT INTO blobs (sha256, content, size_bytes) VALUES ($1, 'other bytes', 11)",
+                            bytes.fromhex(digest))
+    report = await verify(database.owner_dsn, outside_checks=[original_bytes(notes)])
+    assert not report.ok and f"blob {digest}" in report.problem and "does not match its digest" in report.problem
+
