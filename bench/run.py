@@ -57,8 +57,9 @@ import asyncpg  # noqa: E402
 import httpx  # noqa: E402
 
 from db.dsn import with_database  # noqa: E402
-from tests.databases import Server, _quote  # noqa: E402
-from tests.live import LiveService, free_port  # noqa: E402
+from harness.databases import Server  # noqa: E402
+from harness.live import LiveService, free_port  # noqa: E402
+from projections.read_model import quote_ident  # noqa: E402
 
 DIGITS = REPO / "tests" / "fixtures" / "digits"
 LUA = REPO / "bench" / "upload.lua"
@@ -897,7 +898,7 @@ async def main_async(args: argparse.Namespace) -> int:
     try:
         await server.make_template()
         ours_db = await server.create()
-        await admin.execute(f"CREATE DATABASE {_quote(reference_name)}")
+        await admin.execute(f"CREATE DATABASE {quote_ident(reference_name)}")
         reference_dsn = with_database(server.admin_dsn, reference_name)
 
         print("starting the service, the reference and the HTTP ceiling...", flush=True)
@@ -982,7 +983,7 @@ async def main_async(args: argparse.Namespace) -> int:
             except Exception as error:  # noqa: BLE001 - keep stopping the others
                 print(f"could not stop a server: {error}", file=sys.stderr)
         try:
-            await admin.execute(f"DROP DATABASE IF EXISTS {_quote(reference_name)} WITH (FORCE)")
+            await admin.execute(f"DROP DATABASE IF EXISTS {quote_ident(reference_name)} WITH (FORCE)")
             if ours_db is not None:
                 await server.drop(ours_db.name)
         finally:

@@ -20,7 +20,7 @@ FORBIDDEN = {"asyncpg", "litestar", "tensorflow", "keras", "uvicorn", "service",
 
 
 def test_domain_imports_no_io_framework_or_tensorflow():
-    root = pathlib.Path(__file__).resolve().parent.parent / "domain"
+    root = pathlib.Path(__file__).resolve().parents[2] / "domain"
     offenders = []
     for path in root.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
