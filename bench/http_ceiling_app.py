@@ -29,8 +29,9 @@ from litestar import Litestar, Request, Response, get, post  # noqa: E402
 from litestar.datastructures import State  # noqa: E402
 from litestar.params import HeaderParameter, QueryParameter  # noqa: E402
 
+from infra.logs import configure_json_logging  # noqa: E402
 from service.metrics import Metrics  # noqa: E402
-from service.observability import Observed, configure_logging  # noqa: E402
+from service.observability import Observed  # noqa: E402
 from service.problems import EXCEPTION_HANDLERS, Problem  # noqa: E402
 from service.uploads import ClientGone, parse_upload, read_body  # noqa: E402
 
@@ -97,7 +98,7 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8002)
     args = parser.parse_args()
-    configure_logging("WARNING")
+    configure_json_logging("WARNING")
     uvicorn.run(
         create_app(),
         host=args.host,

@@ -1,12 +1,33 @@
+"""Every test's marker, from its folder; the throwaway databases (one migrated template per
+session, cloned per test or per module) and connections to them; private checkpoint files."""
+
 from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import asyncpg
 import pytest
 
-from tests.databases import Server, ThrowawayDatabase
+from harness.databases import Server, ThrowawayDatabase
+
+TESTS = Path(__file__).resolve().parent
+SCOPES = {"unit": "unit", "integration": "integration", "api": "api", "faults": "fault", "fuzz": "fuzz"}  # folder: marker
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark each test by the folder it sits in (pyproject.toml says what each marker means), so a
+    new test cannot forget its marker; a test outside those folders is an error."""
+    for item in items:
+        try:
+            folder = item.path.relative_to(TESTS).parts[0]
+        except ValueError:
+            continue  # not one of ours
+        if folder not in SCOPES:
+            raise pytest.UsageError(f"{item.nodeid}: put it in one of tests/{{{','.join(SCOPES)}}}/")
+        item.add_marker(SCOPES[folder])
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -1,4 +1,6 @@
-"""Helpers for the projection tests: more kinds of streams, raw events, waiting, a TCP proxy."""
+"""Helpers for the projection tests (integration and fault drills): more kinds of streams (failed,
+model registration, erasure), appending them, raw events the domain would refuse, a worker with short
+timings, waiting for its checkpoint, the read tables' row counts, and who holds or waits on its locks."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from db.store import APPEND_LOCK_KEY, AppendRequest, EventStore
 from domain.chain import GENESIS_HASH, ChainedRecord, link, to_microseconds
 from domain.events import BlobErased, ModelRef, ModelRegistered, PredictionFailed
 from domain.streams import erasure_stream_id, model_stream_id
+from projections.worker import ProjectionRunner, projection_lock_key
 from tests.factories import MODEL, prediction_request
 
 
@@ -96,6 +99,27 @@ async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float = 5.
         await asyncio.sleep(interval_s)
 
 
+def runner_for(dsn: str, **options) -> ProjectionRunner:
+    """A projection worker that polls, elects and backs off within a test's patience."""
+    options.setdefault("poll_interval_s", 0.2)
+    options.setdefault("lock_poll_s", 0.1)
+    options.setdefault("backoff_initial_s", 0.05)
+    options.setdefault("backoff_max_s", 0.5)
+    return ProjectionRunner(dsn, **options)
+
+
+async def is_active(runner: ProjectionRunner) -> bool:
+    return runner.is_active
+
+
+async def table_counts(connection) -> tuple[int, int, int]:
+    row = await connection.fetchrow(
+        "SELECT (SELECT count(*) FROM inputs), (SELECT count(*) FROM predictions),"
+        " (SELECT count(*) FROM projection_errors)"
+    )
+    return tuple(row)  # type: ignore[return-value]
+
+
 async def tracked_position_of(connection: asyncpg.Connection | asyncpg.Pool) -> int:
     return await connection.fetchval("SELECT position FROM projection_tracking WHERE name = 'read_model'")
 
@@ -126,8 +150,6 @@ async def waiting_on_lock(connection: asyncpg.Connection, application_name: str 
 
 async def lock_holders(connection: asyncpg.Connection) -> int:
     """Sessions holding the read model's projection lock."""
-    from projections.worker import projection_lock_key
-
     key = projection_lock_key("read_model")
     # A bigint advisory key shows as (classid = high 32 bits, objid = low 32 bits, objsubid = 1).
     unsigned = key & 0xFFFFFFFFFFFFFFFF

@@ -12,7 +12,8 @@ import uuid
 import httpx
 import pytest
 
-from tests.live import FIXTURES, ROOT, LiveService, digit_files
+from harness.live import ROOT
+from tests.fixtures import MODELS, digit_files
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -23,19 +24,6 @@ API_KEYS = f"alice@{KEYS['labeller']}:label,read;{KEYS['reader']}:read;{KEYS['up
 
 def bearer(name: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {KEYS[name]}"}
-
-
-@pytest.fixture(scope="module")
-def service(module_database, tmp_path_factory):
-    live = LiveService(module_database.owner_dsn, tmp_path_factory.mktemp("svc") / "service.log").start()
-    yield live
-    assert live.stop_gracefully(), live.log()
-
-
-@pytest.fixture(scope="module")
-def client(service):
-    with httpx.Client(base_url=service.url, timeout=30) as http:
-        yield http
 
 
 def predict(client, index: int = 0, headers=None) -> dict:
@@ -123,13 +111,10 @@ def test_unknown_predictions_are_404(client):
 
 
 @pytest.fixture(scope="module")
-def keyed_service(module_database, tmp_path_factory):
-    live = LiveService(
-        module_database.owner_dsn, tmp_path_factory.mktemp("keyed") / "service.log",
-        MODEL_PATH=str(FIXTURES / "models" / "scalar_32x32x3.keras"), API_KEYS=API_KEYS, PROJECTIONS="off",
-    ).start()
-    yield live
-    assert live.stop_gracefully(), live.log()
+def keyed_service(start_module_service):
+    return start_module_service(
+        MODEL_PATH=str(MODELS / "scalar_32x32x3.keras"), API_KEYS=API_KEYS, PROJECTIONS="off",
+    )
 
 
 def test_a_scalar_model_takes_labels_0_and_1_and_keys_record_their_actor(keyed_service):

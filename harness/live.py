@@ -1,4 +1,4 @@
-"""A real service process (`python -m cli serve`) on a free port, for HTTP and fault tests."""
+"""A real service process (`python -m cli serve`) on a free port, for tests and benchmarks."""
 
 from __future__ import annotations
 
@@ -8,18 +8,33 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
-FIXTURES = ROOT / "tests" / "fixtures"
 
 
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def wait_ready(process: subprocess.Popen[bytes], url: str, timeout_s: float, what: str, log: Callable[[], str]) -> None:
+    """Poll `url` until it answers 200; fail at once if the process exits, or after the timeout."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited with {process.returncode}:\n{log()}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{what} was not ready within {timeout_s} s:\n{log()}")
 
 
 class LiveService:
@@ -45,17 +60,8 @@ class LiveService:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "cli", "serve"], cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT
         )
-        deadline = time.monotonic() + ready_timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the service exited with {self.process.returncode}:\n{self.log()}")
-            try:
-                if httpx.get(f"{self.url}/health/ready", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(f"the service was not ready within {ready_timeout_s} s:\n{self.log()}")
+        wait_ready(self.process, f"{self.url}/health/ready", ready_timeout_s, "the service", self.log)
+        return self
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-5000:] if self.log_path.exists() else ""
@@ -85,33 +91,3 @@ class LiveService:
             return self.process.wait(10)
         finally:
             self._log.close()
-
-
-def projection_workers(service_pid: int) -> list[int]:
-    """Pids of the `python -m cli project` children a service started (PROJECTIONS=process)."""
-    wanted = ["cli", "project", "--exit-with-parent", str(service_pid)]
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
-        except OSError:
-            continue
-        if all(word in argv for word in wanted):
-            found.append(int(entry.name))
-    return found
-
-
-def wait_until(condition, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while not (result := condition()):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} within {timeout_s} s")
-        time.sleep(0.1)
-    return result
-
-
-def digit_files() -> list[tuple[Path, int]]:
-    files = sorted((FIXTURES / "digits").glob("*.png"))
-    return [(path, int(path.stem.split("_")[1])) for path in files]

@@ -16,24 +16,11 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.live import LiveService, digit_files
+from tests.fixtures import digit_files
 
 pytestmark = pytest.mark.timeout(180)
 
 PROBLEM = "application/problem+json"
-
-
-@pytest.fixture(scope="module")
-def service(module_database, tmp_path_factory):
-    live = LiveService(module_database.owner_dsn, tmp_path_factory.mktemp("svc") / "service.log").start()
-    yield live
-    assert live.stop_gracefully(), live.log()
-
-
-@pytest.fixture(scope="module")
-def client(service):
-    with httpx.Client(base_url=service.url, timeout=30) as http:
-        yield http
 
 
 def digit(i: int = 0) -> tuple[bytes, int, str]:

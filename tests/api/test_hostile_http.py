@@ -17,7 +17,7 @@ import pytest
 
 from cli.serve import check_exposure
 from infra.settings import Settings, SettingsError, parse_api_keys
-from tests.live import ROOT, LiveService
+from harness.live import ROOT
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -26,20 +26,8 @@ PROBLEM = "application/problem+json"
 
 
 @pytest.fixture(scope="module")
-def service(module_database, tmp_path_factory):
-    live = LiveService(
-        module_database.owner_dsn,
-        tmp_path_factory.mktemp("svc") / "service.log",
-        HEADER_READ_TIMEOUT_S=str(HEADER_TIMEOUT_S),
-    ).start()
-    yield live
-    assert live.stop_gracefully(), live.log()
-
-
-@pytest.fixture(scope="module")
-def client(service):
-    with httpx.Client(base_url=service.url, timeout=30) as http:
-        yield http
+def service_env() -> dict[str, str]:
+    return {"HEADER_READ_TIMEOUT_S": str(HEADER_TIMEOUT_S)}
 
 
 async def stored_rows(owner_dsn: str) -> tuple[int, int, int]:

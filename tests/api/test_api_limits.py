@@ -12,7 +12,8 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.live import FIXTURES, LiveService, digit_files, projection_workers
+from tests.fixtures import MODELS, digit_files
+from tests.processes import projection_workers
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -22,26 +23,16 @@ ALL = {"Authorization": f"Bearer {KEYS['all']}"}
 
 
 @pytest.fixture(scope="module")
-def service(module_database, tmp_path_factory):
-    live = LiveService(
-        module_database.owner_dsn,
-        tmp_path_factory.mktemp("svc") / "service.log",
-        MODEL_PATH=str(FIXTURES / "models" / "nan_out.keras"),
-        MAX_QUEUE="1",
-        MAX_BATCH="1",
-        BODY_READ_TIMEOUT_S="1",
-        MAX_UPLOAD_BYTES=str(64 * 1024),
-        API_KEYS=API_KEYS,
-        PROJECTIONS="inline",  # the other modules run the default (a child process)
-    ).start()
-    yield live
-    assert live.stop_gracefully(), live.log()
-
-
-@pytest.fixture(scope="module")
-def client(service):
-    with httpx.Client(base_url=service.url, timeout=30) as http:
-        yield http
+def service_env() -> dict[str, str]:
+    return {
+        "MODEL_PATH": str(MODELS / "nan_out.keras"),
+        "MAX_QUEUE": "1",
+        "MAX_BATCH": "1",
+        "BODY_READ_TIMEOUT_S": "1",
+        "MAX_UPLOAD_BYTES": str(64 * 1024),
+        "API_KEYS": API_KEYS,
+        "PROJECTIONS": "inline",  # the other modules run the default (a child process)
+    }
 
 
 def png(color: int, size: int = 28) -> bytes:

@@ -21,9 +21,9 @@ from inference.batcher import (
     QueueFull,
 )
 from inference.keras_model import KerasModel, load_model
+from tests.fixtures import DIGITS, MODELS
 
-REPO = Path(__file__).resolve().parent.parent
-FIXTURES = Path(__file__).parent / "fixtures"
+REPO = Path(__file__).resolve().parents[2]
 
 
 def within_tolerance(actual, reference) -> bool:
@@ -40,14 +40,14 @@ def mnist() -> KerasModel:
 
 @pytest.fixture(scope="module")
 def nan_model() -> KerasModel:
-    return load_model(FIXTURES / "models" / "nan_out.keras", max_batch=64)
+    return load_model(MODELS / "nan_out.keras", max_batch=64)
 
 
 @pytest.fixture(scope="module")
 def digit_images() -> np.ndarray:
     spec = PreprocessSpec(28, 28, 1)
     return np.stack([preprocess(p.read_bytes(), spec).array
-                     for p in sorted(FIXTURES.glob("digits/*.png"))])
+                     for p in sorted(DIGITS.glob("*.png"))])
 
 
 class FakeModel:

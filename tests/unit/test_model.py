@@ -15,12 +15,12 @@ import pytest
 from domain.model_port import Model, ModelInfo, is_finite, likely_class
 from domain.preprocessing import PreprocessSpec, preprocess
 from inference.keras_model import KerasModel, load_model
+from tests.fixtures import DIGITS, MODELS
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL = REPO / "saved_model" / "mnist_convnet.keras"
-FIXTURES = Path(__file__).parent / "fixtures"
-SCALAR_MODEL = FIXTURES / "models" / "scalar_32x32x3.keras"
-NAN_MODEL = FIXTURES / "models" / "nan_out.keras"
+SCALAR_MODEL = MODELS / "scalar_32x32x3.keras"
+NAN_MODEL = MODELS / "nan_out.keras"
 
 
 def within_tolerance(actual: np.ndarray, reference: np.ndarray) -> bool:
@@ -29,7 +29,7 @@ def within_tolerance(actual: np.ndarray, reference: np.ndarray) -> bool:
 
 
 def load_digits(spec: PreprocessSpec) -> tuple[np.ndarray, np.ndarray]:
-    paths = sorted(FIXTURES.glob("digits/*.png"))
+    paths = sorted(DIGITS.glob("*.png"))
     labels = np.array([int(path.stem.split("_")[1]) for path in paths])
     images = np.stack([preprocess(path.read_bytes(), spec).array for path in paths])
     return images, labels

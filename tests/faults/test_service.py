@@ -1,7 +1,8 @@
-"""Process-level drills: kill -9 under load, SIGTERM drain, a database outage, hostile bodies.
+"""Process-level drills on the service: kill -9 under load, SIGTERM drain, a killed projection worker
+child, a database outage, huge multipart bodies.
 
 Each drill sends a fixed number of requests and asserts statuses, row counts and exit codes.
-Marked `fault`: .ci/run runs them in its DATABASE_URL pass.
+Marked `fault` (by folder): .ci/run runs them in its DATABASE_URL pass only.
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ import asyncpg
 import httpx
 import pytest
 
-from tests.live import LiveService, digit_files, projection_workers, wait_until
+from harness.live import LiveService
+from tests.fixtures import digit_files
+from tests.processes import projection_workers, wait_until
 from tests.proxy import TcpProxy
 
-pytestmark = [pytest.mark.fault, pytest.mark.timeout(240)]
+pytestmark = pytest.mark.timeout(240)
 
 DIGITS = [path.read_bytes() for path, _ in digit_files()]
 

@@ -1,4 +1,5 @@
-"""Throwaway databases for tests: one migrated template per session, cloned per test or module.
+"""Throwaway databases for tests and benchmarks: one migrated template per session (or bench run),
+cloned per test, module or run.
 
 On DATABASE_URL's server when it is set, otherwise on a private embedded PostgreSQL in a temporary
 folder. Cloning a template takes milliseconds; migrating a fresh database would take a dbmate run.
@@ -18,6 +19,7 @@ import msgspec
 from db import embedded
 from db.dsn import APP_ROLE, with_database, with_user
 from db.migrate import migrate
+from db.sql import quote_ident
 
 
 class ThrowawayDatabase(msgspec.Struct, frozen=True):
@@ -26,12 +28,8 @@ class ThrowawayDatabase(msgspec.Struct, frozen=True):
     app_dsn: str  # the service's own non-superuser login
 
 
-def _quote(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
 class Server:
-    """A PostgreSQL server the test session may create and drop databases on."""
+    """A PostgreSQL server a test session or a bench run may create and drop databases on."""
 
     def __init__(self) -> None:
         self._handle: object | None = None
@@ -57,7 +55,7 @@ class Server:
         name = f"audit_t_{uuid.uuid4().hex[:12]}"
         connection = await self._admin()
         try:
-            await connection.execute(f"CREATE DATABASE {_quote(name)} TEMPLATE {_quote(self.template)}")
+            await connection.execute(f"CREATE DATABASE {quote_ident(name)} TEMPLATE {quote_ident(self.template)}")
         finally:
             await connection.close()
         owner = with_database(self.admin_dsn, name)
@@ -72,7 +70,7 @@ class Server:
     async def drop(self, name: str) -> None:
         connection = await self._admin()
         try:
-            await connection.execute(f"DROP DATABASE IF EXISTS {_quote(name)} WITH (FORCE)")
+            await connection.execute(f"DROP DATABASE IF EXISTS {quote_ident(name)} WITH (FORCE)")
         finally:
             await connection.close()
 

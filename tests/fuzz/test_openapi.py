@@ -9,16 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import content_type_conformance, response_schema_conformance
 
-from tests.live import LiveService
-
-pytestmark = [pytest.mark.fault, pytest.mark.timeout(300)]
-
-
-@pytest.fixture(scope="module")
-def service(module_database, tmp_path_factory):
-    live = LiveService(module_database.owner_dsn, tmp_path_factory.mktemp("fuzz") / "service.log").start()
-    yield live
-    assert live.stop_gracefully(), live.log()
+pytestmark = pytest.mark.timeout(300)
 
 
 @pytest.fixture(scope="module")

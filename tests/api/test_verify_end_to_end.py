@@ -18,8 +18,9 @@ from db.store import EventStore, stored_event
 from domain.chain import GENESIS_HASH, link
 from projections.checkpoints import ChainHeadCheckpointer, load_or_create_key, read_all
 from projections.worker import ProjectionRunner
+from harness.live import ROOT
 from tests.factories import prediction_request
-from tests.live import ROOT, LiveService, digit_files
+from tests.fixtures import digit_files
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -33,10 +34,9 @@ def run_verify(owner_dsn: str, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.fixture
-def service(database, tmp_path):
-    live = LiveService(database.owner_dsn, tmp_path / "service.log", CHECKPOINT_INTERVAL_S="0.1").start()
-    yield live
-    live.stop()
+def service(start_service):
+    """A service of this test's own, on its fresh database."""
+    return start_service(CHECKPOINT_INTERVAL_S="0.1")
 
 
 @pytest.fixture

@@ -1,14 +1,10 @@
-"""The projection worker against PostgreSQL: applying, skipping, resuming, electing, waking."""
+"""The projection worker against PostgreSQL: applying, skipping, resuming, electing, waking, reconnecting,
+draining (its process-level drills are in tests/faults/test_projection_worker.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
-import subprocess
-import sys
-from pathlib import Path
 
 import asyncpg
 import msgspec
@@ -31,28 +27,13 @@ from tests.projection_support import (
     eventually,
     failed_request,
     head_of,
+    is_active,
     lock_holders,
     model_registration,
+    runner_for,
+    table_counts,
     waiting_on_lock,
 )
-
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-
-
-def runner_for(dsn: str, **options) -> ProjectionRunner:
-    options.setdefault("poll_interval_s", 0.2)
-    options.setdefault("lock_poll_s", 0.1)
-    options.setdefault("backoff_initial_s", 0.05)
-    options.setdefault("backoff_max_s", 0.5)
-    return ProjectionRunner(dsn, **options)
-
-
-async def table_counts(connection) -> tuple[int, int, int]:
-    row = await connection.fetchrow(
-        "SELECT (SELECT count(*) FROM inputs), (SELECT count(*) FROM predictions),"
-        " (SELECT count(*) FROM projection_errors)"
-    )
-    return tuple(row)  # type: ignore[return-value]
 
 
 async def test_worker_projects_made_and_failed_predictions(database, app_pool, owner):
@@ -171,61 +152,11 @@ async def test_cancelled_mid_batch_resumes_without_duplicates_or_gaps(database, 
         await second.stop()
 
 
-def _spawn_worker(database, **env) -> subprocess.Popen:
-    environment = {
-        **os.environ,
-        "DATABASE_URL": database.owner_dsn,
-        "APP_DATABASE_URL": database.app_dsn,
-        "PROJECTION_POLL_S": "0.2",
-        "PROJECTION_LOCK_POLL_S": "0.1",
-        "PYTHONPATH": str(PROJECT_ROOT),
-        **env,
-    }
-    environment.setdefault("PROJECTION_BATCH_SIZE", "7")
-    return subprocess.Popen([sys.executable, "-m", "cli", "project"], cwd=PROJECT_ROOT,
-                            env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-
-
-async def test_killed_worker_process_resumes_and_the_standby_takes_over(database, app_pool, owner):
-    store = EventStore(app_pool)
-    await append(store, *[prediction_request(label=str(i)) for i in range(20)])
-    blocker = await asyncpg.connect(database.owner_dsn)
-    process = _spawn_worker(database)
-    standby = runner_for(database.app_dsn, batch_size=7)
-    try:
-        async with blocker.transaction():
-            await blocker.execute("LOCK TABLE predictions IN ACCESS EXCLUSIVE MODE")
-            await eventually(lambda: waiting_on_lock(owner), timeout_s=8)
-            await standby.start()
-            await asyncio.sleep(0.3)
-            assert not standby.is_active and await lock_holders(owner) == 1
-            process.send_signal(signal.SIGKILL)
-            process.wait(5)
-        # The killed worker's backend finds its client gone once its statement gets the lock,
-        # rolls back and drops the projection lock: the standby takes over.
-        took = await eventually(lambda: _is_active(standby), timeout_s=15)
-        assert took < 15
-        await caught_up(owner)
-        assert await table_counts(owner) == (20, 20, 0)
-        positions = [r[0] for r in await owner.fetch("SELECT position FROM predictions ORDER BY position")]
-        assert positions == list(range(2, 41, 2))
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(5)
-        await standby.stop()
-        await blocker.close()
-
-
-async def _is_active(runner: ProjectionRunner) -> bool:
-    return runner.is_active
-
-
 async def test_two_workers_exactly_one_active_and_failover_on_stop(database, app_pool, owner):
     store = EventStore(app_pool)
     first, second = runner_for(database.app_dsn), runner_for(database.app_dsn)
     await first.start()
-    await eventually(lambda: _is_active(first))
+    await eventually(lambda: is_active(first))
     await second.start()
     try:
         await append(store, prediction_request())
@@ -233,7 +164,7 @@ async def test_two_workers_exactly_one_active_and_failover_on_stop(database, app
         await asyncio.sleep(0.3)  # several lock polls
         assert first.is_active and not second.is_active and await lock_holders(owner) == 1
         await first.stop()
-        took = await eventually(lambda: _is_active(second), timeout_s=15)
+        took = await eventually(lambda: is_active(second), timeout_s=15)
         assert took < 15
         await append(store, prediction_request())
         await caught_up(owner)
@@ -273,7 +204,7 @@ async def test_notify_wakes_the_worker_promptly(database, app_pool, owner):
     runner = runner_for(database.app_dsn, poll_interval_s=30)
     await runner.start()
     try:
-        await eventually(lambda: _is_active(runner))
+        await eventually(lambda: is_active(runner))
         await asyncio.sleep(0.1)  # past the first (empty) batch: now waiting for a notification
         await append(store, prediction_request())
         took = await eventually(lambda: _tracked_position_is(owner, 2), timeout_s=5, interval_s=0.005)
@@ -290,7 +221,7 @@ async def test_polling_catches_up_when_notifications_are_missed(database, app_po
     runner = runner_for(database.app_dsn, poll_interval_s=0.2)
     await runner.start()
     try:
-        await eventually(lambda: _is_active(runner))
+        await eventually(lambda: is_active(runner))
         # Appended without a NOTIFY: only the poll can find it.
         position = await append_raw(owner, "ModelRegistered", encode_event(model_registration().events[0]))
         await eventually(lambda: _tracked_position_is(owner, position), timeout_s=3)
@@ -305,7 +236,7 @@ async def test_the_worker_reconnects_when_the_database_goes_away_and_comes_back(
     runner = runner_for(proxy.dsn, poll_interval_s=0.2, connect_timeout_s=1)
     await runner.start()
     try:
-        await eventually(lambda: _is_active(runner))
+        await eventually(lambda: is_active(runner))
         await proxy.stop()
         await append(store, prediction_request())  # notified while the worker is cut off
         await eventually(lambda: _not_active(runner))
@@ -340,26 +271,4 @@ async def test_stop_drains_the_batch_in_hand(database, app_pool, owner):
         assert await tracked_position_of(owner) == await head_of(owner) == 20
         assert await table_counts(owner) == (10, 10, 0)
     finally:
-        await blocker.close()
-
-
-async def test_sigterm_drains_the_standalone_worker(database, app_pool, owner):
-    store = EventStore(app_pool)
-    await append(store, *[prediction_request() for _ in range(5)])
-    blocker = await asyncpg.connect(database.owner_dsn)
-    process = _spawn_worker(database)
-    try:
-        async with blocker.transaction():
-            await blocker.execute("LOCK TABLE predictions IN ACCESS EXCLUSIVE MODE")
-            await eventually(lambda: waiting_on_lock(owner), timeout_s=8)
-            process.send_signal(signal.SIGTERM)
-            await asyncio.sleep(0.2)
-            assert process.poll() is None  # still finishing its batch
-        assert await asyncio.to_thread(process.wait, 10) == 0
-        assert await tracked_position_of(owner) == 7  # its batch of 7 events was committed, then it stopped
-        assert await lock_holders(owner) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(5)
         await blocker.close()

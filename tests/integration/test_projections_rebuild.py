@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 import uuid
-from pathlib import Path
 
 import asyncpg
 import msgspec
@@ -16,6 +15,7 @@ import pytest
 
 from db.store import AppendRequest, EventStore
 from domain.chain import ChainedRecord, link, to_microseconds
+from harness.live import ROOT
 from projections.queries import (
     get_prediction,
     lag,
@@ -38,7 +38,6 @@ from tests.projection_support import (
     model_registration,
 )
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 ODD_FLOATS = [-0.0, 0.0, 5e-324, 1e-300, 0.1 + 0.2, 1 / 3, 2.0**-1074 * 3, 0.9999999999999999, 1e308, 0.5]
 
 
@@ -265,8 +264,8 @@ async def test_verify_detects_an_added_json_key(database, app_pool, owner):
 
 
 def _cli(database, *args: str) -> subprocess.CompletedProcess:
-    environment = {**os.environ, "DATABASE_URL": database.owner_dsn, "PYTHONPATH": str(PROJECT_ROOT)}
-    return subprocess.run([sys.executable, "-m", "cli", *args], cwd=PROJECT_ROOT, env=environment,
+    environment = {**os.environ, "DATABASE_URL": database.owner_dsn, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "cli", *args], cwd=ROOT, env=environment,
                           capture_output=True, timeout=30)
 
 

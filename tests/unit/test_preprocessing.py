@@ -19,11 +19,11 @@ from PIL import Image, ImageFile
 from domain import preprocessing
 from domain.preprocessing import PreprocessSpec, Preprocessed, preprocess, sniff_format
 from domain.rejections import Rejected
+from tests.fixtures import DIGITS
 
 GRAY = PreprocessSpec(height=28, width=28, channels=1)
 RGB = PreprocessSpec(height=28, width=28, channels=3)
-DIGITS = Path(__file__).parent / "fixtures" / "digits"
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def encode(image: Image.Image, fmt: str = "PNG", **options) -> bytes:
