@@ -3,7 +3,7 @@
 TensorFlow is not thread-safe for our purposes, so a KerasModel is used from one thread at a time:
 the micro-batcher's inference thread. Every call goes through one `tf.function` traced once with a
 fixed input signature [None, H, W, C] float32, so no batch size ever retraces and there is no
-per-call `model.predict` overhead (40-75 ms there versus well under a millisecond here).
+per-call `model.predict` overhead (tens of milliseconds there, well under one here: BENCHMARKS.md).
 """
 
 from __future__ import annotations

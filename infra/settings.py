@@ -123,7 +123,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     lock_timeout_ms: int
     statement_timeout_ms: int
     idle_in_transaction_timeout_ms: int
-    projections: str  # process (a child of `python -m service`) | inline (in the event loop) | off
+    projections: str  # process (a child of `just serve`) | inline (in the event loop) | off
     projection_poll_s: float
     projection_coalesce_s: float  # after a batch, let this long of commits gather before the next
     projection_batch_size: int  # events per projection transaction at most
