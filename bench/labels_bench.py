@@ -15,13 +15,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import shutil
 import statistics
 import sys
-import tempfile
 import time
-import uuid
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -30,16 +26,13 @@ import asyncpg
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from db import embedded  # noqa: E402
-from db.dsn import APP_ROLE, with_database, with_user  # noqa: E402
 from db.group_commit import GroupCommitter  # noqa: E402
-from db.migrate import migrate  # noqa: E402
 from db.store import AppendRequest, EventStore  # noqa: E402
 from domain.events import ModelRegistered  # noqa: E402
 from domain.streams import model_stream_id  # noqa: E402
 from projections import quality  # noqa: E402
 from projections.worker import ProjectionRunner  # noqa: E402
-from replay_bench import MODEL, synthetic_log  # noqa: E402
+from replay_bench import MODEL, run_on_a_server, synthetic_log, throwaway_database  # noqa: E402
 from usecases.labels import LabelService  # noqa: E402
 
 ALL_TIME = (datetime(1, 1, 1, tzinfo=timezone.utc), datetime(9999, 12, 31, tzinfo=timezone.utc))
@@ -50,11 +43,7 @@ async def caught_up(runner_done: asyncio.Event, timeout_s: float = 900) -> None:
 
 
 async def bench(admin_dsn: str, events: int, request_items: int, labels: int) -> None:
-    name = f"audit_labels_{uuid.uuid4().hex[:10]}"
-    owner_dsn = with_database(admin_dsn, name)
-    app_dsn = with_user(owner_dsn, APP_ROLE)
-    await migrate(owner_dsn)
-    try:
+    async with throwaway_database(admin_dsn, "audit_labels") as (_, owner_dsn, app_dsn):
         records = synthetic_log(events)
         connection = await asyncpg.connect(owner_dsn)
         try:
@@ -132,12 +121,6 @@ async def bench(admin_dsn: str, events: int, request_items: int, labels: int) ->
                       f"(max {max(timings) * 1000:,.1f} ms) over {len(made):,} predictions")
         await runner.stop()
         await pool.close()
-    finally:
-        admin = await asyncpg.connect(admin_dsn)
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
 
 
 def main() -> None:
@@ -146,20 +129,7 @@ def main() -> None:
     parser.add_argument("--request-items", type=int, default=10_000)
     parser.add_argument("--labels", type=int, default=200_000)
     args = parser.parse_args()
-    print(f"{time.strftime('%Y-%m-%d %H:%M')} on {os.cpu_count()} CPUs, Python {sys.version.split()[0]}")
-    tmp: Path | None = None
-    handle = None
-    admin_dsn = os.environ.get("DATABASE_URL")
-    if not admin_dsn:
-        tmp = Path(tempfile.mkdtemp(prefix="labels-bench-pg-"))
-        handle, admin_dsn = embedded.start(tmp / "pgdata")
-    try:
-        asyncio.run(bench(admin_dsn, args.events, args.request_items, args.labels))
-    finally:
-        if handle is not None:
-            handle.cleanup()  # type: ignore[attr-defined]
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+    run_on_a_server(lambda admin_dsn: bench(admin_dsn, args.events, args.request_items, args.labels))
 
 
 if __name__ == "__main__":

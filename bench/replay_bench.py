@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -169,12 +170,46 @@ class Timer:
         return text + f"; load average {os.getloadavg()[0]:.1f})"
 
 
-async def bench(admin_dsn: str, events: int, batch_size: int, rounds: int) -> None:
-    name = f"audit_bench_{uuid.uuid4().hex[:10]}"
+@contextlib.asynccontextmanager
+async def throwaway_database(admin_dsn: str, prefix: str) -> AsyncIterator[tuple[str, str, str]]:
+    """A migrated database of its own: (name, owner DSN, the service role's DSN); dropped after."""
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
     owner_dsn = with_database(admin_dsn, name)
-    app_dsn = with_user(owner_dsn, APP_ROLE)
     await migrate(owner_dsn)
     try:
+        yield name, owner_dsn, with_user(owner_dsn, APP_ROLE)
+    finally:
+        admin = await asyncpg.connect(admin_dsn)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
+
+
+def run_on_a_server(bench_on: Callable[[str], Awaitable[None]]) -> None:
+    """Run `bench_on(admin_dsn)` on DATABASE_URL's server, or on a private embedded PostgreSQL in a
+    temporary folder."""
+    print(f"{time.strftime('%Y-%m-%d %H:%M')} on {os.cpu_count()} CPUs, Python {sys.version.split()[0]}")
+    tmp: Path | None = None
+    handle = None
+    admin_dsn = os.environ.get("DATABASE_URL")
+    if not admin_dsn:
+        tmp = Path(tempfile.mkdtemp(prefix="bench-pg-"))
+        handle, admin_dsn = embedded.start(tmp / "pgdata")
+        print("server: embedded PostgreSQL (throwaway)")
+    else:
+        print("server: DATABASE_URL (throwaway database)")
+    try:
+        asyncio.run(bench_on(admin_dsn))
+    finally:
+        if handle is not None:
+            handle.cleanup()  # type: ignore[attr-defined]
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+async def bench(admin_dsn: str, events: int, batch_size: int, rounds: int) -> None:
+    async with throwaway_database(admin_dsn, "audit_bench") as (name, owner_dsn, app_dsn):
         started = time.perf_counter()
         records = synthetic_log(events)
         generated = time.perf_counter() - started
@@ -229,12 +264,6 @@ async def bench(admin_dsn: str, events: int, batch_size: int, rounds: int) -> No
         finally:
             await connection.close()
         print(f"replay as NDJSON: {timer.rate(written)}")
-    finally:
-        admin = await asyncpg.connect(admin_dsn)
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
 
 
 def main() -> None:
@@ -243,23 +272,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=5000)
     parser.add_argument("--rounds", type=int, default=3, help="rebuild and verify this many times each")
     args = parser.parse_args()
-    print(f"{time.strftime('%Y-%m-%d %H:%M')} on {os.cpu_count()} CPUs, Python {sys.version.split()[0]}")
-    tmp: Path | None = None
-    handle = None
-    admin_dsn = os.environ.get("DATABASE_URL")
-    if not admin_dsn:
-        tmp = Path(tempfile.mkdtemp(prefix="replay-bench-pg-"))
-        handle, admin_dsn = embedded.start(tmp / "pgdata")
-        print("server: embedded PostgreSQL (throwaway)")
-    else:
-        print("server: DATABASE_URL (throwaway database)")
-    try:
-        asyncio.run(bench(admin_dsn, args.events, args.batch_size, args.rounds))
-    finally:
-        if handle is not None:
-            handle.cleanup()  # type: ignore[attr-defined]
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+    run_on_a_server(lambda admin_dsn: bench(admin_dsn, args.events, args.batch_size, args.rounds))
 
 
 if __name__ == "__main__":
