@@ -62,15 +62,13 @@ class BucketCounts(msgspec.Struct, frozen=True):
 
 
 _CELLS_SQL = f"""
-    WITH judged AS (
-        SELECT p.recorded_at, p.status, p.likely_class, p.output, {{truth}} AS truth
+    WITH features AS MATERIALIZED (  -- narrow rows: the outputs are not carried into the sort
+        SELECT date_trunc($5, p.recorded_at AT TIME ZONE 'UTC') AS bucket, p.status, p.likely_class,
+               {{truth}} AS truth, c.confidence, {brier_sql("p.output", "{truth}")} AS brier
         FROM public.predictions AS p
         {{label_join}}
+        CROSS JOIN LATERAL (SELECT {confidence_sql("p.output")} AS confidence) AS c
         WHERE p.model_sha256 = $1 AND p.position <= $2 AND p.recorded_at >= $3 AND p.recorded_at < $4
-    ), features AS (
-        SELECT date_trunc($5, recorded_at AT TIME ZONE 'UTC') AS bucket, status, likely_class, truth,
-               {confidence_sql("output")} AS confidence, {brier_sql("output", "truth")} AS brier
-        FROM judged
     )
     SELECT bucket, status, likely_class, truth, width_bucket(confidence, {EDGES_SQL}) AS bin, count(*) AS n,
            coalesce(sum(confidence), 0) AS confidence_sum, coalesce(sum(brier), 0) AS brier_sum
@@ -79,13 +77,14 @@ _CELLS_SQL = f"""
     ORDER BY bucket, status, likely_class, truth, bin
 """
 _CURRENT = _CELLS_SQL.format(truth="p.label", label_join="")
-# The label current at $2: the latest label event at or before it (a withdrawal has no label).
+# The label current at $2: the label event at or before it that nothing at or before it
+# superseded (a withdrawal has no label). `superseded_at` makes this a join, not a lookup per
+# prediction.
 _AS_OF = _CELLS_SQL.format(
     truth="l.label",
-    label_join="""LEFT JOIN LATERAL (
-            SELECT label FROM public.labels
-            WHERE prediction_id = p.prediction_id AND position <= $2 ORDER BY position DESC LIMIT 1
-        ) AS l ON true""",
+    label_join="""LEFT JOIN public.labels AS l
+            ON l.prediction_id = p.prediction_id AND l.position <= $2
+           AND (l.superseded_at IS NULL OR l.superseded_at > $2)""",
 )
 
 
