@@ -128,6 +128,8 @@ async def list_predictions(
     if before is not None and before > MAX_BIGINT:
         raise Problem(400, "bad_cursor", "the cursor is out of range")
     since, until = in_utc("since", since), in_utc("until", until)
+    if model_version is not None and "\x00" in model_version:  # PostgreSQL text cannot hold NUL
+        raise Problem(400, "bad_parameter", "`model_version` contains a NUL character")
     async with services.reading() as connection:
         # Read-your-writes for the list: answer once the projection has reached the head as it
         # was when this request started (bounded wait).

@@ -43,6 +43,15 @@ from usecases.predict import Recorded
 MAX_ATTEMPTS = 32
 
 
+def _named_prediction(raw: object) -> str | None:
+    """The prediction a refused item names, when it names one that parses (whatever else a
+    client sent is not copied into the log)."""
+    try:
+        return str(uuid.UUID(str(raw["prediction_id"]))) if isinstance(raw, dict) else None  # type: ignore[index]
+    except (KeyError, ValueError):
+        return None
+
+
 class BulkOutcome(msgspec.Struct, frozen=True):
     """What became of each item of a bulk request, and where it was recorded."""
 
@@ -139,8 +148,7 @@ class LabelService:
         by_stream: dict[uuid.UUID, list[Event]] = {}
         for index, item in parsed:
             if isinstance(item, Rejected):
-                prediction = raw_items[index].get("prediction_id") if isinstance(raw_items[index], dict) else None
-                items.append(LabelBatchItem(index=index, prediction_id=prediction if isinstance(prediction, str) else None,
+                items.append(LabelBatchItem(index=index, prediction_id=_named_prediction(raw_items[index]),
                                             code=item.code, detail=item.message))
                 continue
             stream, target = item.prediction_id, targets.get(item.prediction_id)

@@ -76,6 +76,11 @@ def test_time_filters_outside_the_representable_range_are_400(client, query):
     assert_problem(client.get(f"/predictions/?{query}"), 400, "bad_time")
 
 
+def test_a_text_filter_with_nul_is_400_not_500(client):
+    # found by the OpenAPI fuzzer: PostgreSQL text cannot hold NUL
+    assert_problem(client.get("/predictions/", params={"model_version": "1\x00"}), 400, "bad_parameter")
+
+
 def test_the_extreme_representable_times_are_answered(client):
     response = client.get("/predictions/?since=0001-01-01T00:00:00Z&until=9999-12-31T23:59:59Z")
     assert response.status_code == 200, response.text
