@@ -32,8 +32,8 @@ from litestar.params import HeaderParameter, QueryParameter  # noqa: E402
 from infra.logs import configure_json_logging  # noqa: E402
 from service.metrics import Metrics  # noqa: E402
 from service.observability import Observed  # noqa: E402
-from service.problems import EXCEPTION_HANDLERS, Problem  # noqa: E402
-from service.uploads import ClientGone, parse_upload, read_body  # noqa: E402
+from service.problems import EXCEPTION_HANDLERS  # noqa: E402
+from service.uploads import parse_upload, read_body  # noqa: E402
 
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 BODY_READ_TIMEOUT_S = 30.0
@@ -57,10 +57,7 @@ async def upload(
     idempotency_key: Annotated[str | None, HeaderParameter(name="Idempotency-Key", required=False, max_length=255)] = None,
     filename: Annotated[str | None, QueryParameter(name="filename", required=False)] = None,
 ) -> Response[Accepted]:
-    try:
-        body = await read_body(request, limit=MAX_UPLOAD_BYTES, deadline_s=BODY_READ_TIMEOUT_S)
-    except ClientGone:
-        raise Problem(400, "client_disconnected", "the client went away before the body arrived") from None
+    body = await read_body(request, limit=MAX_UPLOAD_BYTES, deadline_s=BODY_READ_TIMEOUT_S)
     received = parse_upload(request, body, filename)
     prediction_id = str(uuid.uuid4())
     answer = Accepted(

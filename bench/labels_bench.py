@@ -105,17 +105,15 @@ async def bench(admin_dsn: str, events: int, request_items: int, labels: int) ->
                 timings = []
                 for _ in range(5):
                     began = time.perf_counter()  # what GET /models/{sha}/quality asks the database
-                    await quality.registration(connection, MODEL.sha256)
+                    (entry,) = await quality.models(connection, MODEL.sha256)
                     buckets = await quality.bucket_counts(connection, MODEL.sha256, 10, position=position,
                                                           current=current, since=ALL_TIME[0], until=ALL_TIME[1],
                                                           bucket="day")
                     quality.total(buckets, 10)
-                    first = await quality.first_use(connection, MODEL.sha256)
-                    assert first is not None
-                    day = first.replace(hour=0, minute=0, second=0, microsecond=0)
+                    day = entry.first_day()
+                    assert day is not None
                     await quality.bucket_counts(connection, MODEL.sha256, 10, position=position, current=current,
                                                 since=day, until=day + timedelta(days=1), bucket="day")
-                    await quality.models(connection, MODEL.sha256)
                     timings.append(time.perf_counter() - began)
                 print(f"quality {label}: median {statistics.median(timings) * 1000:,.1f} ms "
                       f"(max {max(timings) * 1000:,.1f} ms) over {len(made):,} predictions")

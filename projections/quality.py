@@ -11,7 +11,7 @@ position that superseded it), so an earlier state of the log is a query, not a r
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Literal
 
 import asyncpg
@@ -19,7 +19,6 @@ import msgspec
 
 from domain.events import ModelRegistered, decode_event
 from domain.quality import BINS, QualityCounts, empty, merge
-from domain.streams import model_stream_id
 
 Bucket = Literal["hour", "day"]
 # The lower edges of confidence bins 1 … 9: width_bucket(c, edges) is domain.quality's bin of c.
@@ -54,6 +53,12 @@ class ModelEntry(msgspec.Struct, frozen=True, kw_only=True):
     labelled: int
     first_used: datetime | None
     last_used: datetime | None
+
+    def first_day(self) -> datetime | None:
+        """The UTC day of the model's first use: the default reference for drift."""
+        if self.first_used is None:
+            return None
+        return self.first_used.astimezone(timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
 
 
 class BucketCounts(msgspec.Struct, frozen=True):
@@ -157,19 +162,6 @@ def total(buckets: Sequence[BucketCounts], num_classes: int) -> QualityCounts:
     return merge((b.counts for b in buckets), num_classes)
 
 
-async def registration(connection: asyncpg.Connection, sha256: str) -> tuple[ModelRegistered, int, datetime] | None:
-    """The model's ModelRegistered event, its position and time (None: never registered)."""
-    row = await connection.fetchrow(
-        "SELECT event_type, schema_version, data, position, recorded_at FROM events WHERE stream_id = $1"
-        " ORDER BY stream_version LIMIT 1",
-        model_stream_id(sha256),
-    )
-    if row is None:
-        return None
-    event = decode_event(row["event_type"], row["schema_version"], row["data"])
-    return (event, row["position"], row["recorded_at"]) if isinstance(event, ModelRegistered) else None
-
-
 async def models(connection: asyncpg.Connection, sha256: str | None = None) -> list[ModelEntry]:
     """Every registered model (or the one named), oldest registration first, with its use: the
     counts from the kept quality cells, the first and last use from the predictions' index."""
@@ -207,11 +199,6 @@ async def models(connection: asyncpg.Connection, sha256: str | None = None) -> l
             labelled=row["labelled"], first_used=row["first_used"], last_used=row["last_used"],
         ))
     return entries
-
-
-async def first_use(connection: asyncpg.Connection, sha256: str) -> datetime | None:
-    return await connection.fetchval("SELECT min(recorded_at) FROM public.predictions WHERE model_sha256 = $1", sha256)
-
 
 
 async def recently_used(connection: asyncpg.Connection, since: datetime) -> list[str]:

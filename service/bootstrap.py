@@ -211,10 +211,11 @@ class Services:
         async with self.reading() as connection:
             position = await queries.tracked_position(connection)
             for sha256 in await quality.recently_used(connection, windows["day"]):
-                found = await quality.registration(connection, sha256)
-                if found is None:
+                found = await quality.models(connection, sha256)
+                if not found:
                     continue
-                model, classes = found[0].model, found[0].num_classes
+                (entry,) = found
+                classes = entry.num_classes
                 measured = {}
                 for window, since in windows.items():
                     measured[window] = quality.total(await quality.bucket_counts(
@@ -222,17 +223,16 @@ class Services:
                         bucket="day",
                     ), classes)
                     report = quality_report(measured[window])
-                    self.metrics.observe_quality(model.name, model.version, window, report.accuracy,
+                    self.metrics.observe_quality(entry.name, entry.version, window, report.accuracy,
                                                  report.label_coverage)
-                first = await quality.first_use(connection, sha256)
-                if first is not None:
-                    day_one = first.astimezone(timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
+                day_one = entry.first_day()
+                if day_one is not None:
                     reference = quality.total(await quality.bucket_counts(
                         connection, sha256, classes, position=position, current=True, since=day_one,
                         until=day_one + timedelta(days=1), bucket="day",
                     ), classes)
                     shift = drift(reference, measured["day"]).predicted_class_psi
-                    self.metrics.model_predicted_class_psi.labels(model.name, model.version).set(
+                    self.metrics.model_predicted_class_psi.labels(entry.name, entry.version).set(
                         float("nan") if shift is None else shift
                     )
 

@@ -9,7 +9,7 @@ from uuid import UUID
 
 import msgspec
 from litestar import Request, Response, delete, get, post
-from litestar.params import HeaderParameter, PathParameter, QueryParameter
+from litestar.params import PathParameter, QueryParameter
 
 from domain.events import LabelBatchItem
 from domain.labels import MAX_REASON_CHARS, MAX_SOURCE_CHARS, LabelEntry
@@ -24,8 +24,9 @@ from service.openapi import (
 )
 from service.problems import TITLES, Problem, status_of
 from service.responses import ChainHead, Receipt, receipt
+from service.routes import IdempotencyKeyHeader
 from service.security import ACTOR
-from service.uploads import ClientGone, read_body
+from service.uploads import read_body
 from usecases.labels import BulkOutcome
 from usecases.predict import Recorded
 
@@ -81,10 +82,7 @@ async def _written(services: ServicesDependency, prediction_id: UUID, recorded: 
 async def record_label(
     request: Request, services: ServicesDependency, prediction_id: Annotated[UUID, PathParameter()]
 ) -> Response[LabelWritten]:
-    try:
-        body = await read_body(request, limit=MAX_LABEL_BODY_BYTES, deadline_s=services.settings.body_read_timeout_s)
-    except ClientGone:
-        raise Problem(400, "client_disconnected", "the client went away before the body arrived") from None
+    body = await read_body(request, limit=MAX_LABEL_BODY_BYTES, deadline_s=services.settings.body_read_timeout_s)
     try:
         label = msgspec.json.decode(body, type=LabelIn)
     except msgspec.ValidationError as error:
@@ -208,21 +206,14 @@ async def record_labels(
     request: Request,
     services: ServicesDependency,
     source: Annotated[str | None, QueryParameter(max_length=MAX_SOURCE_CHARS, description="The source of items that name none")] = None,
-    idempotency_key: Annotated[
-        str | None,
-        HeaderParameter(name="Idempotency-Key", required=False, max_length=255,
-                        description="A retry with the same key returns the first answer and appends nothing"),
-    ] = None,
+    idempotency_key: IdempotencyKeyHeader = None,
 ) -> LabelsRecorded:
     check_idempotency_key(idempotency_key)
     media_type = (request.headers.get("content-type") or "application/json").split(";")[0].strip().lower()
     if media_type not in _BULK_MEDIA_TYPES:
         raise Problem(415, "unsupported_media_type", "send application/json (an array) or application/x-ndjson")
     settings = services.settings
-    try:
-        body = await read_body(request, limit=settings.max_upload_bytes, deadline_s=settings.body_read_timeout_s)
-    except ClientGone:
-        raise Problem(400, "client_disconnected", "the client went away before the body arrived") from None
+    body = await read_body(request, limit=settings.max_upload_bytes, deadline_s=settings.body_read_timeout_s)
     items = _items_of(body, media_type)
     fingerprint = hashlib.sha256(b"%s\n%s\n" % (media_type.encode(), (source or "").encode()) + body).digest()
     outcome = await services.labels.record_many(

@@ -96,10 +96,10 @@ async def model_quality(
 ) -> ModelQuality:
     since, until = in_utc("since", since) or _BEGINNING, in_utc("until", until) or _END
     async with services.reading() as connection:
-        found = await quality.registration(connection, sha256)
-        if found is None:
+        found = await quality.models(connection, sha256)
+        if not found:
             raise Problem(404, "model_not_found", f"no model {sha256} was ever registered")
-        event, registered_position, registered_at = found
+        (entry,) = found
         tracked = await queries.tracked_position(connection)
         if as_of is not None and as_of > tracked:
             # Bounded wait, as for read-your-writes; a position beyond the log is a client's mistake.
@@ -112,17 +112,16 @@ async def model_quality(
             tracked = await queries.tracked_position(connection)
         position = tracked if as_of is None else as_of
         current = as_of is None or as_of == tracked
-        k = event.num_classes
+        k = entry.num_classes
         buckets = await quality.bucket_counts(connection, sha256, k, position=position, current=current,
                                               since=since, until=until, bucket=bucket)
-        first = await quality.first_use(connection, sha256)
-        reference_since = in_utc("reference_since", reference_since) or _day_of(first)
+        reference_since = (in_utc("reference_since", reference_since) or entry.first_day()
+                           or datetime.now(timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0))
         reference_until = in_utc("reference_until", reference_until) or reference_since + timedelta(days=1)
         reference = quality.total(await quality.bucket_counts(
             connection, sha256, k, position=position, current=current, since=reference_since,
             until=reference_until, bucket="day",
         ), k)
-        (entry,) = await quality.models(connection, sha256)
     counts = quality.total(buckets, k)
     return ModelQuality(
         model=entry, as_of_position=position, window=Window(since=_shown(since), until=_shown(until)),
@@ -132,11 +131,6 @@ async def model_quality(
                           measures=drift(reference, counts)),
         counts=counts,
     )
-
-
-def _day_of(moment: datetime | None) -> datetime:
-    moment = moment or datetime.now(timezone.utc)
-    return moment.astimezone(timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
 
 
 def _shown(moment: datetime) -> datetime | None:

@@ -33,10 +33,16 @@ from service.responses import (
     event_out,
     receipt,
 )
-from service.uploads import ClientGone, parse_upload, read_body
+from service.uploads import parse_upload, read_body
 from usecases.predict import Recorded
 
 MAX_BIGINT = 2**63 - 1
+# The header every appending route takes (its value is checked by domain.uploads.check_idempotency_key).
+IdempotencyKeyHeader = Annotated[
+    str | None,
+    HeaderParameter(name="Idempotency-Key", required=False, max_length=255,
+                    description="A retry with the same key returns the first answer and appends nothing"),
+]
 _FORMAT_MEDIA_TYPES = {
     "PNG": "image/png", "JPEG": "image/jpeg", "GIF": "image/gif", "BMP": "image/bmp",
     "TIFF": "image/tiff", "WEBP": "image/webp",
@@ -66,20 +72,13 @@ _FORMAT_MEDIA_TYPES = {
 async def create_prediction(
     request: Request,
     services: ServicesDependency,
-    idempotency_key: Annotated[
-        str | None,
-        HeaderParameter(name="Idempotency-Key", required=False, max_length=255,
-                  description="A retry with the same key returns the first answer and appends nothing"),
-    ] = None,
+    idempotency_key: IdempotencyKeyHeader = None,
     filename: Annotated[str | None, QueryParameter(name="filename", required=False, description="Name of a raw-body upload")] = None,
 ) -> Response[PredictionCreated]:
     serving = services.model.serving()
     check_idempotency_key(idempotency_key)
     settings = services.settings
-    try:
-        body = await read_body(request, limit=settings.max_upload_bytes, deadline_s=settings.body_read_timeout_s)
-    except ClientGone:
-        raise Problem(400, "client_disconnected", "the client went away before the body arrived") from None
+    body = await read_body(request, limit=settings.max_upload_bytes, deadline_s=settings.body_read_timeout_s)
     upload = parse_upload(request, body, filename)
     recorded: Recorded = await serving.predictions.predict(
         upload,

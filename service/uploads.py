@@ -27,11 +27,9 @@ MAX_PARTS = 16
 MAX_PART_HEADERS = 8
 
 
-class ClientGone(Exception):
-    """The client disconnected before its body arrived: nothing is stored, nobody is answered."""
-
-
 async def read_body(request: Request, *, limit: int, deadline_s: float) -> bytes:
+    """The whole body, or a Problem: 413 over `limit`, 408 past the deadline, 400 when the client
+    went away before it arrived (nothing is stored either way)."""
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
@@ -46,7 +44,7 @@ async def read_body(request: Request, *, limit: int, deadline_s: float) -> bytes
             while True:
                 message = await request.receive()
                 if message["type"] == "http.disconnect":
-                    raise ClientGone()
+                    raise Problem(400, "client_disconnected", "the client went away before the body arrived")
                 body = message.get("body", b"")
                 if body:
                     received += len(body)
