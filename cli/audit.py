@@ -18,9 +18,9 @@ from projections.audit_checks import (
     load_receipt,
     original_bytes,
     receipt,
-    signed_checkpoints,
+    transparency_log,
 )
-from projections.checkpoints import load_or_create_key
+from projections.checkpoints import load_key, retired_keys
 from projections.rebuild import RebuildError, rebuild
 from projections.replay import replay
 from projections.verify import verify
@@ -45,10 +45,11 @@ async def run_rebuild(settings: Settings, args: argparse.Namespace) -> int:
 async def run_verify(settings: Settings, args: argparse.Namespace) -> int:
     target = start_or_locate_database(settings)
     notes: list[str] = []
-    public_key = (
-        load_or_create_key(settings.checkpoint_key).public_key() if settings.checkpoint_key.exists() else None
-    )
-    checks = [signed_checkpoints(settings.checkpoint_dir, public_key, notes), original_bytes(notes)]
+    keys = [*retired_keys(settings.checkpoint_key), load_key(settings.checkpoint_key)] if settings.checkpoint_key.exists() else []
+    checks = [
+        transparency_log(settings.checkpoint_dir, keys, args.key, settings.log_origin, notes),
+        original_bytes(notes),
+    ]
     if args.receipt is not None:
         try:
             checks.append(receipt(load_receipt(args.receipt), notes))
@@ -86,6 +87,8 @@ def _parser(command: str) -> argparse.ArgumentParser:
         parser.description = "check the hash chain and diff the read tables with a replay"
         parser.add_argument("--receipt", type=Path, default=None,
                             help="also check a receipt (or a saved POST /prediction/ answer) against the log")
+        parser.add_argument("--key", action="append", default=[], metavar="VERIFIER_KEY",
+                            help="also trust this verifier key (<name>+<hash>+<key>) for checkpoints; repeatable")
         parser.set_defaults(handler=run_verify)
     else:
         parser.description = "events as NDJSON on stdout"

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
+from functools import partial
 from typing import Literal
 
 HASH_SIZE = 32
@@ -62,48 +63,131 @@ def root(leaf_hashes: Sequence[bytes]) -> bytes:
     return _mth(leaf_hashes, 0, len(leaf_hashes)) if leaf_hashes else EMPTY_ROOT
 
 
+Subtree = Callable[[int, int], bytes]
+"""MTH(D[lo:hi]) for a range of leaves: from the leaves themselves, or from stored tiles."""
+
+
 def inclusion_proof(index: int, leaf_hashes: Sequence[bytes]) -> list[bytes]:
     """PATH(index, D[n]) of RFC 9162 §2.1.3.1: the sibling hashes from the leaf up to the root.
 
-    O(n) hashes, from the leaves: for tests and small trees; a log serves proofs from stored tiles.
+    O(n) hashes, from the leaves: for tests and small trees; a log serves proofs from stored tiles
+    (`inclusion_path` with a `Subtree` that reads them).
     """
-    n = len(leaf_hashes)
-    if not 0 <= index < n:
-        raise ValueError(f"leaf index {index} is not in a tree of {n} leaves")
+    return inclusion_path(index, len(leaf_hashes), partial(_mth, leaf_hashes))
+
+
+def inclusion_path(index: int, size: int, subtree: Subtree) -> list[bytes]:
+    """PATH(index, D[size]) with every subtree hash taken from `subtree`."""
+    if not 0 <= index < size:
+        raise ValueError(f"leaf index {index} is not in a tree of {size} leaves")
     top_down: list[bytes] = []
-    lo, hi = 0, n
+    lo, hi = 0, size
     while hi - lo > 1:
         k = _split(hi - lo)
         if index < lo + k:
-            top_down.append(_mth(leaf_hashes, lo + k, hi))
+            top_down.append(subtree(lo + k, hi))
             hi = lo + k
         else:
-            top_down.append(_mth(leaf_hashes, lo, lo + k))
+            top_down.append(subtree(lo, lo + k))
             lo += k
     return top_down[::-1]  # the proof lists the lowest sibling first
 
 
 def consistency_proof(old_size: int, leaf_hashes: Sequence[bytes]) -> list[bytes]:
     """PROOF(m, D[n]) of RFC 9162 §2.1.4.1, for 0 < m <= n (empty when m == n). O(n) hashes."""
-    n = len(leaf_hashes)
-    if old_size == n:
+    return consistency_path(old_size, len(leaf_hashes), partial(_mth, leaf_hashes))
+
+
+def consistency_path(old_size: int, size: int, subtree: Subtree) -> list[bytes]:
+    """PROOF(old_size, D[size]) with every subtree hash taken from `subtree`."""
+    if old_size == size:
         return []
-    if not 0 < old_size < n:
-        raise ValueError(f"no consistency proof from size {old_size} to size {n}")
+    if not 0 < old_size < size:
+        raise ValueError(f"no consistency proof from size {old_size} to size {size}")
     top_down: list[bytes] = []
-    lo, hi, m = 0, n, old_size
+    lo, hi, m = 0, size, old_size
     whole = True  # SUBPROOF's flag: is D[lo:lo+m] the complete old tree (whose root the verifier has)?
     while m != hi - lo:
         k = _split(hi - lo)
         if m <= k:
-            top_down.append(_mth(leaf_hashes, lo + k, hi))
+            top_down.append(subtree(lo + k, hi))
             hi = lo + k
         else:
-            top_down.append(_mth(leaf_hashes, lo, lo + k))
+            top_down.append(subtree(lo, lo + k))
             lo, m, whole = lo + k, m - k, False
     if not whole:
-        top_down.append(_mth(leaf_hashes, lo, hi))
+        top_down.append(subtree(lo, hi))
     return top_down[::-1]
+
+
+Node = Callable[[int, int], bytes]
+"""The hash of the perfect subtree (level, index): MTH(D[index * 2**level : (index + 1) * 2**level])."""
+
+
+def range_hash(lo: int, hi: int, node: Node) -> bytes:
+    """MTH(D[lo:hi]) from the hashes of perfect subtrees: the RFC's split until each part is one.
+
+    A log stores only complete subtrees (tiles); this is how the right edge of a tree whose size
+    is not a power of two, and so every root and proof hash, comes out of them.
+    """
+    n = hi - lo
+    if n <= 0:
+        raise ValueError(f"no subtree over the empty range [{lo}, {hi})")
+    if n & (n - 1) == 0 and lo % n == 0:
+        level = n.bit_length() - 1
+        return node(level, lo >> level)
+    k = _split(n)
+    return node_hash(range_hash(lo, lo + k, node), range_hash(lo + k, hi, node))
+
+
+def nodes_needed(paths: Callable[[Subtree], object]) -> set[tuple[int, int]]:
+    """The perfect subtrees (level, index) that `paths(subtree)` reads: run it once on placeholders.
+
+    Lets a reader fetch everything a proof or root needs in one query before computing it.
+    """
+    needed: set[tuple[int, int]] = set()
+
+    def record(level: int, index: int) -> bytes:
+        needed.add((level, index))
+        return EMPTY_ROOT
+
+    paths(lambda lo, hi: range_hash(lo, hi, record))
+    return needed
+
+
+def tile_of(level: int, index: int) -> tuple[int, int, int, int]:
+    """Where tiles keep node (level, index): (tile level, tile index, first hash, hash count).
+
+    Tiles store the levels that are multiples of TILE_HEIGHT; a node between them is the hash
+    of 2**r consecutive stored hashes of one tile (r = level mod 8), which `range_hash` folds.
+    """
+    tile_level, r = divmod(level, TILE_HEIGHT)
+    first = index << r
+    return tile_level, first >> TILE_HEIGHT, first % TILE_WIDTH, 1 << r
+
+
+def entry_bundle(entries: Iterable[bytes]) -> bytes:
+    """A tlog-tiles entry bundle: each entry's bytes after its big-endian uint16 length."""
+    out = bytearray()
+    for entry in entries:
+        if len(entry) > 0xFFFF:
+            raise ValueError(f"an entry of {len(entry)} bytes does not fit a bundle's 2-byte length")
+        out += len(entry).to_bytes(2, "big")
+        out += entry
+    return bytes(out)
+
+
+def parse_entry_bundle(bundle: bytes) -> list[bytes]:
+    entries, i = [], 0
+    while i < len(bundle):
+        if i + 2 > len(bundle):
+            raise ValueError("an entry bundle ends inside a length")
+        n = int.from_bytes(bundle[i : i + 2], "big")
+        if i + 2 + n > len(bundle):
+            raise ValueError("an entry bundle ends inside an entry")
+        entries.append(bundle[i + 2 : i + 2 + n])
+        i += 2 + n
+    return entries
 
 
 def _check_hash(what: str, value: object) -> None:

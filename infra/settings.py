@@ -13,6 +13,8 @@ from typing import Any
 
 import msgspec
 
+from domain.signed_note import NoteError, check_key_name
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 SCOPES = ("predict", "read", "audit", "label")
@@ -100,6 +102,16 @@ def _choice(name: str, default: str, choices: tuple[str, ...]) -> str:
     return value
 
 
+def _log_origin(value: str | None) -> str | None:
+    """A signed-note key name: the checkpoints' origin names the key too (as in Go's sumdb)."""
+    if value is not None:
+        try:
+            check_key_name(value)
+        except NoteError as error:
+            raise SettingsError(f"LOG_ORIGIN: {error}") from None
+    return value
+
+
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
     database_url: str | None  # superuser/owner URL for migrations; None: the embedded server
     app_database_url: str | None  # the service's own (non-superuser) login; derived when None
@@ -131,8 +143,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     read_your_writes_timeout_s: float
     readiness_max_lag_events: int  # 0: lag never turns readiness red
     checkpoint_dir: Path
-    checkpoint_key: Path  # Ed25519 private key (PEM) for chain-head checkpoints; never in the database
-    checkpoint_interval_s: float
+    checkpoint_key: Path  # Ed25519 private key (PEM) that signs checkpoints; never in the database
+    checkpoint_interval_s: float  # at most one signed checkpoint per interval while the log grows
+    checkpoint_wait_timeout_s: float  # how long `Prefer: wait=checkpoint` holds an answer at most
+    log_origin: str | None  # the checkpoints' origin line and key name; None: derived from the log id
+    tree_integrator: bool  # the Merkle tree integrator runs beside the projection worker
+    tree_batch_size: int  # events per tree transaction at most
     api_keys: ApiKeys  # from "key1:predict,read;key2:audit"; empty (API_KEYS unset): no keys required
     allow_unauthenticated: bool  # serve a non-loopback HOST without keys (something in front authenticates)
     client_api_key: str | None  # the key the command-line clients (just labels-import) present
@@ -174,7 +190,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             readiness_max_lag_events=_int("READINESS_MAX_LAG_EVENTS", 0),
             checkpoint_dir=Path(_env("CHECKPOINT_DIR", str(PROJECT_ROOT / ".data" / "checkpoints"))),
             checkpoint_key=Path(_env("CHECKPOINT_KEY", str(PROJECT_ROOT / ".data" / "checkpoint_ed25519.pem"))),
-            checkpoint_interval_s=_float("CHECKPOINT_INTERVAL_S", 1.0),
+            checkpoint_interval_s=_float("CHECKPOINT_INTERVAL_MS", 1000.0) / 1000,
+            checkpoint_wait_timeout_s=_float("CHECKPOINT_WAIT_TIMEOUT_S", 10.0),
+            log_origin=_log_origin(os.environ.get("LOG_ORIGIN") or None),
+            tree_integrator=_choice("TREE_INTEGRATOR", "on", ("on", "off")) == "on",
+            tree_batch_size=_positive_int("TREE_BATCH_SIZE", 20_000),
             api_keys=parse_api_keys(os.environ.get("API_KEYS")),
             allow_unauthenticated=_flag("ALLOW_UNAUTHENTICATED"),
             client_api_key=os.environ.get("AUDIT_API_KEY") or None,

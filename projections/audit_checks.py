@@ -1,34 +1,110 @@
 """Checks `just verify` runs beside the chain and the read-model diff, inside the same snapshot:
-signed chain-head checkpoints kept outside the database, the original uploads (erased or
+the Merkle tree and its signed checkpoints (in the database and kept outside it), the original uploads (erased or
 tampered?), and receipts that clients kept."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import msgspec
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from projections.checkpoints import check_against_log
+from domain.chain import GENESIS_HASH
+from domain.merkle import HASH_SIZE, TILE_HEIGHT, TILE_WIDTH, TreeBuilder, leaf_hash
+from domain.signed_note import Checkpoint, NoteError
+from projections import tree_store
+from projections.checkpoints import NoteKey, chain_head_of, filed_checkpoints, open_checkpoint
 from projections.verify import OutsideCheck
 
 
-def signed_checkpoints(directory: Path, public_key: Ed25519PublicKey | None, notes: list[str]) -> OutsideCheck:
+def transparency_log(
+    directory: Path, keys: Sequence[Ed25519PrivateKey], verifier_keys: Sequence[str], origin: str | None,
+    notes: list[str],
+) -> OutsideCheck:
+    """The Merkle tree recomputed from the events: the stored tiles must hold exactly its hashes,
+    and every signed checkpoint (in the database and in `directory`) must be signed by a trusted
+    key and name the root and the chain head that the events give at its size."""
+
     async def check(connection: asyncpg.Connection, head_position: int, head_hash: bytes) -> str | None:
         log_id = str(await connection.fetchval("SELECT log_id FROM log_identity"))
-        if public_key is None:
-            notes.append(f"outside checkpoints: no signing key, none checked (log {log_id})")
-            return None
-        checked, problems = await check_against_log(connection, directory, log_id, public_key)
-        notes.append(f"outside checkpoints: {checked} checked in {directory / log_id}")
-        if problems:
-            first = problems[0]
-            return f"outside checkpoint at position {first.position}: {first.reason}"
+        name = origin or f"prediction-audit/{log_id}"
+        trusted = [NoteKey(name, key).verifier_key for key in keys] + list(verifier_keys)
+        if not trusted:
+            notes.append("transparency log: no signing key and no --key, checkpoints not checked")
+        stored = await tree_store.all_checkpoints(connection)
+        checkpoints: list[tuple[str, str]] = [(f"checkpoint {c.tree_size} (database)", c.note) for c in stored]
+        checkpoints += [(f"checkpoint file of log {log_id}", note) for note in filed_checkpoints(directory, log_id)]
+        opened: list[tuple[str, Checkpoint]] = []
+        for where, note in checkpoints:
+            if not trusted:
+                break
+            try:
+                opened.append((where, open_checkpoint(note, trusted)))
+            except NoteError as error:
+                return f"transparency log: {where}: {error}"
+        tree = await tree_store.tree_state(connection)
+        sizes = {c.size for _, c in opened} | {c.tree_size for c in stored} | {tree.size}
+        recomputed = await _recompute(connection, max(sizes), sizes, tree.size)
+        if isinstance(recomputed, str):
+            return recomputed
+        roots, chain_heads = recomputed
+        if roots[tree.size] != tree.root:
+            return f"transparency log: the stored tree's root at size {tree.size} is not the events' root"
+        good = 0
+        for where, c in sorted(opened, key=lambda pair: pair[1].size):
+            if c.root_hash != roots[c.size] or chain_head_of(c) != chain_heads[c.size]:
+                return (f"transparency log: {where} signs a tree of {c.size} leaves that the events no longer"
+                        f" give: an event at positions {good + 1}..{c.size} was rewritten after it was signed")
+            good = c.size
+        for c in stored:
+            if (roots[c.tree_size], chain_heads[c.tree_size]) != (c.root_hash, c.chain_head):
+                return f"transparency log: checkpoint {c.tree_size} in the database: its columns are not its note's"
+        notes.append(
+            f"transparency log: {tree.size} leaves recomputed from the events match the stored tiles;"
+            f" {len(opened)} signed checkpoint(s) checked (signature, root, chain head)"
+        )
         return None
 
     return check
+
+
+async def _recompute(
+    connection: asyncpg.Connection, size: int, sizes: set[int], integrated: int, page: int = 20_000
+) -> tuple[dict[int, bytes], dict[int, bytes]] | str:
+    """The roots and chain heads at `sizes`, from the events; a problem when the stored tiles hold
+    another hash than the recomputed one (the first position whose leaf differs is named)."""
+    builder = TreeBuilder()
+    roots, chain_heads = {0: builder.root()}, {0: GENESIS_HASH}
+    upper = {(r[0], r[1]): bytes(r[2]) for r in await connection.fetch(
+        "SELECT level, tile_index, hashes FROM merkle_tiles WHERE level > 0")}
+    while builder.size < size:
+        rows = await tree_store.leaf_rows(connection, builder.size, min(page, size - builder.size))
+        if not rows:
+            return f"transparency log: the tree has {size} leaves but the log ends at position {builder.size}"
+        first_tile = builder.size // TILE_WIDTH
+        stored_leaves = b"".join(bytes(r[0]) for r in await connection.fetch(
+            "SELECT hashes FROM merkle_tiles WHERE level = 0 AND tile_index BETWEEN $1 AND $2 ORDER BY tile_index",
+            first_tile, (builder.size + len(rows) - 1) // TILE_WIDTH))
+        offset = (builder.size % TILE_WIDTH) * HASH_SIZE
+        for row in rows:
+            leaf = leaf_hash(tree_store.entry_of(row))
+            if stored_leaves[offset : offset + HASH_SIZE] != leaf and row[0] <= integrated:
+                return (f"transparency log: the event at position {row[0]} does not hash to its leaf in the stored"
+                        f" tree: it was rewritten after it was integrated")
+            offset += HASH_SIZE
+            for level, index, digest in builder.append(leaf):
+                if level and level % TILE_HEIGHT == 0:
+                    tile = upper.get((level // TILE_HEIGHT, index // TILE_WIDTH), b"")
+                    at = (index % TILE_WIDTH) * HASH_SIZE
+                    if tile[at : at + HASH_SIZE] != digest and builder.size <= integrated:
+                        return f"transparency log: the stored tree's node ({level}, {index}) is not the events' hash"
+            if builder.size in sizes:
+                roots[builder.size] = builder.root()
+                chain_heads[builder.size] = bytes(row[8])
+    return roots, chain_heads
 
 
 _BLOBS_SQL = """

@@ -1,217 +1,188 @@
-"""Ed25519-signed chain heads, written outside the database by the active projection worker.
+"""Signed checkpoints of the Merkle tree: C2SP tlog-checkpoint notes signed with Ed25519 keys the
+database never holds, and the copies kept outside the database.
 
-Layout: `CHECKPOINT_DIR/<log id>/latest.json` (replaced atomically at most every `interval_s`
-while the log grows) and `history.ndjson` (one signed checkpoint appended every `history_s`).
-The private key lives in a file the database never sees (`CHECKPOINT_KEY`, created 0600 on first
-use); verification derives the public key from it, or takes one explicitly.
+Layout outside the database: `CHECKPOINT_DIR/<log id>/checkpoint` (the latest note, replaced
+atomically) and `checkpoints.ndjson` (one `{"tree_size", "note"}` line at most every `history_s`).
+The private key is a file (`CHECKPOINT_KEY`, PEM, created 0600 on first use); `just rotate-key`
+moves it aside as `<CHECKPOINT_KEY>.retired-<key hash>` and makes a new one. Verifiers trust the
+current key and the retired ones (and any verifier key they are given), never keys read from the
+database, which whoever rewrote the log could have rewritten too.
 """
 
 from __future__ import annotations
 
-import asyncio
-import hashlib
-import logging
 import os
-import time
-from datetime import datetime, timezone
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-import asyncpg
 import msgspec
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import (
-    Ed25519PrivateKey,
-    Ed25519PublicKey,
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from domain.signed_note import (
+    Checkpoint,
+    NoteError,
+    format_checkpoint,
+    format_signed_note,
+    key_hash,
+    parse_checkpoint,
+    parse_signed_note,
+    parse_verifier_key,
+    verifier_key,
 )
 
-from domain.checkpoints import FORMAT, ChainCheckpoint, SignedCheckpoint, signing_bytes
-
-log = logging.getLogger(__name__)
-
-LATEST = "latest.json"
-HISTORY = "history.ndjson"
+LATEST = "checkpoint"
+HISTORY = "checkpoints.ndjson"
+CHAIN_HEAD = "chain-head "  # the extension line naming the hash chain's head at the tree size
+RETIRED = ".retired-"
 
 
 def load_or_create_key(path: Path) -> Ed25519PrivateKey:
     if path.exists():
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-        if not isinstance(key, Ed25519PrivateKey):
-            raise ValueError(f"{path} is not an Ed25519 private key")
-        return key
+        return load_key(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     key = Ed25519PrivateKey.generate()
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     temporary = path.with_suffix(f".{os.getpid()}.tmp")
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(descriptor, "wb") as file:
-        file.write(pem)
+    _write_private(temporary, key)
     try:
         os.link(temporary, path)  # never replaces a key another process created meanwhile
     except FileExistsError:
         pass
     finally:
         temporary.unlink()
-    return load_or_create_key(path)
+    return load_key(path)
 
 
-def key_id(public_key: Ed25519PublicKey) -> str:
-    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return hashlib.sha256(raw).hexdigest()[:16]
+def load_key(path: Path) -> Ed25519PrivateKey:
+    key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ValueError(f"{path} is not an Ed25519 private key")
+    return key
 
 
-def sign(key: Ed25519PrivateKey, log_id: str, position: int, hash_hex: str) -> SignedCheckpoint:
-    checkpoint = ChainCheckpoint(
-        log_id=log_id,
-        position=position,
-        hash=hash_hex,
-        signed_at=datetime.now(timezone.utc).isoformat(timespec="microseconds"),
-        key_id=key_id(key.public_key()),
-    )
-    return SignedCheckpoint(checkpoint=checkpoint, signature=key.sign(signing_bytes(checkpoint)).hex())
+def _write_private(path: Path, key: Ed25519PrivateKey) -> None:
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "wb") as file:
+        file.write(pem)
+        file.flush()
+        os.fsync(file.fileno())
 
 
-def signature_ok(public_key: Ed25519PublicKey, signed: SignedCheckpoint) -> bool:
-    try:
-        public_key.verify(bytes.fromhex(signed.signature), signing_bytes(signed.checkpoint))
-    except (InvalidSignature, ValueError):
-        return False
-    return signed.checkpoint.format == FORMAT
+def retired_keys(path: Path) -> list[Ed25519PrivateKey]:
+    """The keys `rotate_key` moved aside next to `path`, oldest first."""
+    found = sorted(path.parent.glob(path.name + RETIRED + "*"), key=lambda p: p.stat().st_mtime_ns)
+    return [load_key(p) for p in found]
 
 
-def write(directory: Path, signed: SignedCheckpoint, *, append_history: bool) -> None:
-    folder = directory / signed.checkpoint.log_id
+def rotate_key(path: Path, name: str) -> tuple[str, str]:
+    """Move the current key aside and make a new one; (retired, new) verifier keys.
+
+    The integrator notices the new file before its next signature, signs that checkpoint with
+    both keys (so a verifier holding either can follow the rotation) and the new one afterwards.
+    """
+    old = load_or_create_key(path)
+    old_verifier = NoteKey(name, old).verifier_key
+    retired = path.with_name(path.name + RETIRED + NoteKey(name, old).key_hash.hex())
+    new = Ed25519PrivateKey.generate()
+    temporary = path.with_suffix(f".{os.getpid()}.tmp")
+    _write_private(temporary, new)
+    os.link(path, retired)
+    os.replace(temporary, path)
+    return old_verifier, NoteKey(name, new).verifier_key
+
+
+def public_bytes(key: Ed25519PrivateKey | Ed25519PublicKey) -> bytes:
+    public = key.public_key() if isinstance(key, Ed25519PrivateKey) else key
+    return public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+class NoteKey:
+    """A signing key under a signed-note key name (this log's origin)."""
+
+    def __init__(self, name: str, key: Ed25519PrivateKey) -> None:
+        self.name = name
+        self.private = key
+        self.public = public_bytes(key)
+        self.key_hash = key_hash(name, self.public)
+        self.verifier_key = verifier_key(name, self.public)
+
+    def sign(self, text: str) -> tuple[str, bytes, bytes]:
+        return self.name, self.key_hash, self.private.sign(text.encode())
+
+
+def sign_checkpoint(checkpoint: Checkpoint, keys: Sequence[NoteKey]) -> str:
+    text = format_checkpoint(checkpoint)
+    return format_signed_note(text, [key.sign(text) for key in keys])
+
+
+def open_checkpoint(note: str | bytes, trusted: Iterable[str]) -> Checkpoint:
+    """The checkpoint of a note signed by at least one trusted verifier key; NoteError otherwise.
+
+    Signatures by keys the caller does not know are ignored, as the signed-note spec says (a
+    witness may have cosigned); a signature by a trusted key that does not verify is an error.
+    """
+    keys = {}
+    for text in trusted:
+        name, digest, public = parse_verifier_key(text)
+        keys[(name, digest)] = Ed25519PublicKey.from_public_bytes(public)
+    body, signatures = parse_signed_note(note)
+    verified = 0
+    for signature in signatures:
+        public_key = keys.get((signature.name, signature.key_hash))
+        if public_key is None:
+            continue
+        try:
+            public_key.verify(signature.signature, body.encode())
+        except InvalidSignature:
+            raise NoteError(f"the signature by {signature.name} ({signature.key_hash.hex()}) does not verify") from None
+        verified += 1
+    if not verified:
+        raise NoteError("the note is signed by no trusted key")
+    return parse_checkpoint(body)
+
+
+def chain_head_of(checkpoint: Checkpoint) -> bytes | None:
+    for line in checkpoint.extensions:
+        if line.startswith(CHAIN_HEAD):
+            try:
+                return bytes.fromhex(line[len(CHAIN_HEAD):])
+            except ValueError:
+                return None
+    return None
+
+
+class FiledCheckpoint(msgspec.Struct, frozen=True):
+    tree_size: int
+    note: str
+
+
+def file_checkpoint(directory: Path, log_id: str, tree_size: int, note: str, *, append_history: bool) -> None:
+    """Keep a signed note outside the database: the latest, and now and then the history."""
+    folder = directory / log_id
     folder.mkdir(parents=True, exist_ok=True)
-    encoded = msgspec.json.encode(signed)
     temporary = folder / f".{LATEST}.{os.getpid()}.tmp"
-    with open(temporary, "wb") as file:
-        file.write(encoded)
+    with open(temporary, "w", encoding="utf-8") as file:
+        file.write(note)
         file.flush()
         os.fsync(file.fileno())
     os.replace(temporary, folder / LATEST)
     if append_history:
         with open(folder / HISTORY, "ab") as file:
-            file.write(encoded + b"\n")
+            file.write(msgspec.json.encode(FiledCheckpoint(tree_size, note)) + b"\n")
             file.flush()
             os.fsync(file.fileno())
 
 
-def read_all(directory: Path, log_id: str) -> list[SignedCheckpoint]:
-    """Every checkpoint kept for this log (history first, then latest). Unparseable entries raise."""
+def filed_checkpoints(directory: Path, log_id: str) -> list[str]:
+    """Every note kept outside the database for this log: the history, then the latest."""
     folder = directory / log_id
-    found: list[SignedCheckpoint] = []
+    notes: list[str] = []
     if (folder / HISTORY).exists():
         for line in (folder / HISTORY).read_bytes().splitlines():
             if line.strip():
-                found.append(msgspec.json.decode(line, type=SignedCheckpoint))
+                notes.append(msgspec.json.decode(line, type=FiledCheckpoint).note)
     if (folder / LATEST).exists():
-        found.append(msgspec.json.decode((folder / LATEST).read_bytes(), type=SignedCheckpoint))
-    return found
-
-
-class CheckpointProblem(msgspec.Struct, frozen=True):
-    position: int
-    reason: str
-
-
-async def check_against_log(
-    connection: asyncpg.Connection, directory: Path, log_id: str, public_key: Ed25519PublicKey
-) -> tuple[int, list[CheckpointProblem]]:
-    """(checkpoints checked, problems): each must be signed by the key and name the hash the log
-    holds at its position."""
-    try:
-        checkpoints = read_all(directory, log_id)
-    except (msgspec.DecodeError, msgspec.ValidationError) as error:
-        return 0, [CheckpointProblem(0, f"a checkpoint file of log {log_id} is unreadable: {error}")]
-    expected_key = key_id(public_key)
-    problems: list[CheckpointProblem] = []
-    for signed in checkpoints:
-        c = signed.checkpoint
-        if c.log_id != log_id:
-            problems.append(CheckpointProblem(c.position, f"checkpoint names log {c.log_id}, not {log_id}"))
-        elif c.key_id != expected_key or not signature_ok(public_key, signed):
-            problems.append(CheckpointProblem(c.position, "checkpoint signature is not valid for this key"))
-        else:
-            stored = await connection.fetchval("SELECT hash FROM events WHERE position = $1", c.position)
-            if stored is None:
-                problems.append(CheckpointProblem(c.position, "the log no longer has the checkpointed position"))
-            elif bytes(stored).hex() != c.hash:
-                problems.append(CheckpointProblem(
-                    c.position, f"the log's hash at {c.position} differs from the signed checkpoint (rewritten)"
-                ))
-    return len(checkpoints), problems
-
-
-class ChainHeadCheckpointer:
-    """The projection worker's `on_applied` hook: signs the head it has applied, at most every
-    `interval_s` (and once more after a quiet spell, so the last head is always covered)."""
-
-    def __init__(
-        self, dsn: str, directory: Path, key: Ed25519PrivateKey, *, interval_s: float = 1.0, history_s: float = 60.0
-    ) -> None:
-        self._dsn = dsn
-        self._directory = directory
-        self._key = key
-        self._interval_s = interval_s
-        self._history_s = history_s
-        self._pending: int | None = None
-        self._written = 0
-        self._last_history = 0.0
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self._log_id: str | None = None
-
-    def on_applied(self, position: int, count: int) -> None:
-        if position > self._written:
-            self._pending = position
-            self._wake.set()
-
-    async def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="chain-head-checkpoints")
-
-    async def stop(self) -> None:
-        """Write the last applied head, then stop."""
-        if self._task is None:
-            return
-        self._task.cancel()
-        await asyncio.gather(self._task, return_exceptions=True)
-        self._task = None
-        if self._pending is not None:
-            try:
-                await self._write(self._pending)
-            except Exception:  # shutting down: the next active worker checkpoints again
-                log.warning("could not write the final chain-head checkpoint", exc_info=True)
-
-    async def _run(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            position = self._pending
-            if position is None or position <= self._written:
-                continue
-            try:
-                await self._write(position)
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
-                log.warning("chain-head checkpoint at %d failed (%s); retrying", position, error)
-                self._wake.set()
-            await asyncio.sleep(self._interval_s)
-
-    async def _write(self, position: int) -> None:
-        connection = await asyncpg.connect(self._dsn, timeout=5)
-        try:
-            if self._log_id is None:
-                self._log_id = str(await connection.fetchval("SELECT log_id FROM log_identity"))
-            stored = await connection.fetchval("SELECT hash FROM events WHERE position = $1", position)
-        finally:
-            await connection.close()
-        if stored is None:
-            return
-        now = time.monotonic()
-        append_history = now - self._last_history >= self._history_s
-        signed = sign(self._key, self._log_id, position, bytes(stored).hex())
-        await asyncio.to_thread(write, self._directory, signed, append_history=append_history)
-        if append_history:
-            self._last_history = now
-        self._written = position
-        if self._pending == position:
-            self._pending = None
+        notes.append((folder / LATEST).read_text(encoding="utf-8"))
+    return notes

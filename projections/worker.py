@@ -1,4 +1,5 @@
-"""The projection worker: one active per projection across all processes, supervised.
+"""Elected followers of the log: one active per name across all processes, supervised. The
+projection runner is one; the Merkle tree integrator (projections/tree.py) is the other.
 
 Each runner keeps one dedicated, long-lived connection (never a pooled one: a pool runs
 `UNLISTEN *` on release). On it the runner waits for a session-level advisory lock (a standby
@@ -56,21 +57,23 @@ def worker_server_settings(name: str) -> dict[str, str]:
     }
 
 
-class ProjectionRunner:
-    """Keeps the read model up to date while it holds its projection's lock.
+class ElectedFollower:
+    """Follows the log while it holds its advisory lock: one active per name across all processes.
 
-    `start()` returns at once; `stop()` drains (the batch in hand is finished and committed) and
-    releases the lock. `is_active` is true while this runner holds the lock.
+    `start()` returns at once; `stop()` drains (the step in hand is finished and committed) and
+    releases the lock. `is_active` is true while this follower holds the lock. Subclasses say
+    where they are (`_resume`) and what one step does (`_step`); the election, LISTEN, polling,
+    reconnection with backoff and draining are the same for every follower.
     """
 
     def __init__(
         self,
         dsn: str,
         *,
+        name: str,
         poll_interval_s: float = 1.0,
         batch_size: int = 1000,
         on_applied: OnApplied | None = None,
-        name: str = READ_MODEL,
         lock_poll_s: float = 1.0,
         backoff_initial_s: float = 0.1,
         backoff_max_s: float = 5.0,
@@ -91,14 +94,12 @@ class ProjectionRunner:
         self._command_timeout_s = command_timeout_s
         self._drain_timeout_s = drain_timeout_s
         self._coalesce_s = coalesce_s
-        self._writer = ReadModelWriter(LIVE_SCHEMA)
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
         self._wake = asyncio.Event()
         self._active = False
-        self.position: int | None = None  # the tracked position as of this runner's last batch
+        self.position: int | None = None  # where this follower is, as of its last step
         self.events_applied = 0
-        self.events_skipped = 0
         self.restarts = 0
 
     @property
@@ -108,7 +109,7 @@ class ProjectionRunner:
     async def start(self) -> None:
         if self._task is None or self._task.done():
             self._stopping.clear()
-            self._task = asyncio.create_task(self._supervise(), name=f"projection:{self.name}")
+            self._task = asyncio.create_task(self._supervise(), name=f"follower:{self.name}")
 
     async def stop(self) -> None:
         task, self._task = self._task, None
@@ -119,10 +120,28 @@ class ProjectionRunner:
         try:
             await asyncio.wait_for(asyncio.shield(task), self._drain_timeout_s)
         except TimeoutError:
-            log.warning("projection %s did not drain in %.0f s; cancelling it", self.name, self._drain_timeout_s)
+            log.warning("%s did not drain in %.0f s; cancelling it", self.name, self._drain_timeout_s)
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await self._stopped()
+
+    # ---- what a follower does ------------------------------------------------------------------
+
+    async def _resume(self, connection: asyncpg.Connection) -> int:
+        """Where to continue from, once elected (the lock is held)."""
+        raise NotImplementedError
+
+    async def _step(self, connection: asyncpg.Connection, position: int) -> tuple[int, int]:
+        """Apply what follows `position` (at most one batch); (new position, events applied)."""
+        raise NotImplementedError
+
+    def _idle_wait_s(self) -> float:
+        """How long to wait for a notification when there is nothing to apply."""
+        return self._poll_interval_s
+
+    async def _stopped(self) -> None:
+        """After the drain: a last word (a final signature, say)."""
 
     # ---- supervision -----------------------------------------------------------------------
 
@@ -144,7 +163,7 @@ class ProjectionRunner:
                 raise
             except Exception as error:  # noqa: BLE001 - supervised: any failure restarts the worker
                 self.restarts += 1
-                log.warning("projection %s worker failed (%s: %s); restarting in %.1f s",
+                log.warning("%s worker failed (%s: %s); restarting in %.1f s",
                             self.name, type(error).__name__, error, backoff)
             finally:
                 self._active = False
@@ -160,27 +179,19 @@ class ProjectionRunner:
             if await self._sleep(self._lock_poll_s):
                 return
         self._active = True
-        log.info("projection %s: this worker is active", self.name)
+        log.info("%s: this worker is active", self.name)
         await connection.add_listener(NOTIFY_CHANNEL, self._notified)
-        position = await self._tracked_position(connection)
+        position = await self._resume(connection)
         self.position = position
         while not self._stopping.is_set():
             if connection.is_closed():
                 raise ConnectionError("the worker's connection closed")
             # Cleared before reading, so a notification that lands during the batch is not lost.
             self._wake.clear()
-            try:
-                position, count, errors = await project_batch(
-                    connection, self._writer, name=self.name, expected=position, batch_size=self._batch_size
-                )
-            except TrackingMoved as moved:
-                log.warning("projection %s: %s; continuing from there", self.name, moved)
-                position = await self._tracked_position(connection)
-                continue
+            position, count = await self._step(connection, position)
             self.position = position
             if count:
                 self.events_applied += count
-                self.events_skipped += len(errors)
                 await self._report(position, count)
                 if count == self._batch_size:
                     continue  # more may be waiting: no need for a wake-up
@@ -190,14 +201,6 @@ class ProjectionRunner:
                     break
             await self._wait_for_work()
 
-    async def _tracked_position(self, connection: asyncpg.Connection) -> int:
-        position = await connection.fetchval(f"SELECT position FROM {TRACKING_TABLE} WHERE name = $1", self.name)
-        if position is None:
-            # Not created here: starting from 0 over populated tables would refuse every event
-            # as a duplicate. The migration creates it; an operator who removed it must decide.
-            raise RuntimeError(f"no tracking row named {self.name!r} in {TRACKING_TABLE}")
-        return position
-
     # ---- waiting --------------------------------------------------------------------------
 
     def _notified(self, _connection: object, _pid: int, _channel: str, payload: str) -> None:
@@ -205,7 +208,7 @@ class ProjectionRunner:
 
     async def _wait_for_work(self) -> None:
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), self._poll_interval_s)
+            await asyncio.wait_for(self._wake.wait(), self._idle_wait_s())
 
     async def _sleep(self, seconds: float) -> bool:
         """Sleep unless stopped meanwhile; true when stopping."""
@@ -220,8 +223,38 @@ class ProjectionRunner:
             result = self._on_applied(position, count)
             if inspect.isawaitable(result):
                 await result
-        except Exception:  # noqa: BLE001 - a broken observer must not stop the projection
-            log.exception("projection %s: on_applied failed", self.name)
+        except Exception:  # noqa: BLE001 - a broken observer must not stop the follower
+            log.exception("%s: on_applied failed", self.name)
+
+
+class ProjectionRunner(ElectedFollower):
+    """Keeps the read model up to date while it holds its projection's lock."""
+
+    def __init__(self, dsn: str, *, name: str = READ_MODEL, **options) -> None:
+        super().__init__(dsn, name=name, **options)
+        self._writer = ReadModelWriter(LIVE_SCHEMA)
+        self.events_skipped = 0
+
+    async def _resume(self, connection: asyncpg.Connection) -> int:
+        position = await connection.fetchval(f"SELECT position FROM {TRACKING_TABLE} WHERE name = $1", self.name)
+        if position is None:
+            # Not created here: starting from 0 over populated tables would refuse every event
+            # as a duplicate. The migration creates it; an operator who removed it must decide.
+            raise RuntimeError(f"no tracking row named {self.name!r} in {TRACKING_TABLE}")
+        return position
+
+    async def _step(self, connection: asyncpg.Connection, position: int) -> tuple[int, int]:
+        while True:
+            try:
+                position, count, errors = await project_batch(
+                    connection, self._writer, name=self.name, expected=position, batch_size=self._batch_size
+                )
+            except TrackingMoved as moved:  # a rebuild swapped the tables in: go on from its position
+                log.warning("projection %s: %s; continuing from there", self.name, moved)
+                position = await self._resume(connection)
+                continue
+            self.events_skipped += len(errors)
+            return position, count
 
 
 async def _close(connection: asyncpg.Connection) -> None:

@@ -15,8 +15,10 @@ import httpx
 import pytest
 
 from db.store import EventStore, stored_event
-from domain.chain import GENESIS_HASH, link
-from projections.checkpoints import ChainHeadCheckpointer, load_or_create_key, read_all
+from domain import merkle
+from domain.chain import GENESIS_HASH, canonical_bytes, link
+from projections.checkpoints import filed_checkpoints, open_checkpoint
+from projections.tree import TreeIntegrator
 from projections.worker import ProjectionRunner
 from harness.live import ROOT
 from tests.factories import prediction_request
@@ -36,27 +38,27 @@ def run_verify(owner_dsn: str, *args: str) -> subprocess.CompletedProcess[str]:
 @pytest.fixture
 def service(start_service):
     """A service of this test's own, on its fresh database."""
-    return start_service(CHECKPOINT_INTERVAL_S="0.1")
+    return start_service(CHECKPOINT_INTERVAL_MS="100")
 
 
 @pytest.fixture
 async def populated(database, app_pool):
-    """A log of predictions, projected, with its head signed, as a running service leaves it
+    """A log of predictions, projected, with its tree signed, as a running service leaves it
     (without paying for TensorFlow)."""
     outcomes = await EventStore(app_pool).append([prediction_request(label=str(i)) for i in range(4)])
     head = outcomes[-1].head_position
-    key = load_or_create_key(Path(os.environ["CHECKPOINT_KEY"]))
-    checkpointer = ChainHeadCheckpointer(database.app_dsn, Path(os.environ["CHECKPOINT_DIR"]), key, interval_s=0.05)
-    await checkpointer.start()
-    runner = ProjectionRunner(database.app_dsn, poll_interval_s=0.05, on_applied=checkpointer.on_applied)
+    integrator = TreeIntegrator(database.app_dsn, key_path=Path(os.environ["CHECKPOINT_KEY"]),
+                                checkpoint_dir=Path(os.environ["CHECKPOINT_DIR"]), interval_s=0.05, poll_interval_s=0.05)
+    runner = ProjectionRunner(database.app_dsn, poll_interval_s=0.05)
+    await integrator.start()
     await runner.start()
     for _ in range(200):
-        if runner.position == head:
+        if runner.position == head and integrator.position == head:
             break
         await asyncio.sleep(0.05)
     await runner.stop()
-    await checkpointer.stop()
-    assert runner.position == head
+    await integrator.stop()
+    assert runner.position == head and integrator.position == head
     return database
 
 
@@ -72,17 +74,21 @@ def post_digits(service, count: int) -> list[dict]:
     return answers
 
 
-async def signed_heads(owner_dsn: str) -> list:
+async def signed_trees(owner_dsn: str) -> tuple[list, list[str]]:
+    """The checkpoints in the database, and the notes kept in CHECKPOINT_DIR."""
     connection = await asyncpg.connect(owner_dsn)
     try:
         log_id = str(await connection.fetchval("SELECT log_id FROM log_identity"))
+        stored = [row["note"] for row in await connection.fetch("SELECT note FROM tlog_checkpoints ORDER BY tree_size")]
+        keys = [row["verifier_key"] for row in await connection.fetch("SELECT verifier_key FROM tlog_keys")]
     finally:
         await connection.close()
-    return read_all(Path(os.environ["CHECKPOINT_DIR"]), log_id)
+    filed = filed_checkpoints(Path(os.environ["CHECKPOINT_DIR"]), log_id)
+    return [open_checkpoint(note, keys) for note in stored], filed
 
 
 def settle_checkpoints(service) -> None:
-    """Stop the service: the projector finishes and the last applied head is signed."""
+    """Stop the service: the projector and the integrator finish, and the last tree is signed."""
     assert service.stop_gracefully(), service.log()
 
 
@@ -107,10 +113,10 @@ async def test_green_log_and_a_kept_receipt_verify(service, database, tmp_path):
     result = run_verify(database.owner_dsn, "--receipt", str(receipt_file))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "OK" in result.stdout and "receipt: 2 event(s)" in result.stdout
-    # Every signed head on disk was checked, and the last one covers the whole log.
-    kept = await signed_heads(database.owner_dsn)
-    assert kept and f"outside checkpoints: {len(kept)} checked" in result.stdout
-    assert kept[-1].checkpoint.position >= answers[-1]["receipt"]["events"][-1]["position"]
+    # Every signed checkpoint (database and folder) was checked, and the last one covers the whole log.
+    stored, filed = await signed_trees(database.owner_dsn)
+    assert filed and f"{len(stored) + len(filed)} signed checkpoint(s) checked" in result.stdout
+    assert stored[-1].size >= answers[-1]["receipt"]["events"][-1]["position"]
 
     forged = dict(answers[2]["receipt"])
     forged["events"] = [dict(forged["events"][0], hash="00" * 32), forged["events"][1]]
@@ -143,24 +149,44 @@ async def test_edits_behind_the_services_back_are_named(populated, database, edi
     assert expected in result.stdout, result.stdout
 
 
-async def test_a_forward_rewrite_is_caught_by_the_outside_checkpoint(populated, database):
-    connection = await asyncpg.connect(database.owner_dsn)
+async def rewrite_forward(owner_dsn: str, position: int, *, and_the_tree: bool = False) -> None:
+    """What a superuser could do: edit an event, recompute every later chain hash so the chain
+    verifies on its own and, if asked, rewrite the stored Merkle tree to match too."""
+    connection = await asyncpg.connect(owner_dsn)
     try:
         async with connection.transaction():
-            await connection.execute("ALTER TABLE events DISABLE TRIGGER USER")
+            await connection.execute("SET LOCAL session_replication_role = replica")  # no triggers
             await connection.execute(
-                "UPDATE events SET data = replace(data::text, 'digit', 'Digit')::json WHERE position = 3"
+                "UPDATE events SET data = replace(data::text, 'digit', 'Digit')::json WHERE position = $1", position
             )
-            previous = GENESIS_HASH
+            previous, forged, leaves = GENESIS_HASH, merkle.TreeBuilder(), []
             for row in await connection.fetch("SELECT * FROM events ORDER BY position"):
-                previous = link(previous, stored_event(row).chained())
+                record = stored_event(row).chained()
+                previous = link(previous, record)
+                leaves.append(merkle.leaf_hash(canonical_bytes(record)))
+                forged.append(leaves[-1])
                 await connection.execute("UPDATE events SET hash = $1 WHERE position = $2", previous, row["position"])
-            await connection.execute("ALTER TABLE events ENABLE TRIGGER USER")
+            if and_the_tree:  # the log is under one tile: the leaves are the only stored tile
+                await connection.execute("UPDATE merkle_tiles SET hashes = $1 WHERE level = 0", b"".join(leaves))
+                await connection.execute("UPDATE merkle_tree SET edge = $1, root = $2, chain_head = $3",
+                                         b"".join(forged.edge), forged.root(), previous)
     finally:
         await connection.close()
+
+
+async def test_a_forward_rewrite_is_caught_by_the_stored_tree(populated, database):
+    await rewrite_forward(database.owner_dsn, 3)
     result = run_verify(database.owner_dsn)
     assert result.returncode == 1, result.stdout + result.stderr
-    assert "outside checkpoint" in result.stdout and "rewritten" in result.stdout
+    assert "the event at position 3 does not hash to its leaf in the stored tree" in result.stdout, result.stdout
+
+
+async def test_a_rewritten_event_and_tree_fail_against_the_signed_checkpoint(populated, database):
+    """Rewriting the stored tree to match the edit hides it from the tiles, not from the signature."""
+    await rewrite_forward(database.owner_dsn, 3, and_the_tree=True)
+    result = run_verify(database.owner_dsn)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "no longer give: an event at positions 1..8 was rewritten" in result.stdout, result.stdout
 
 
 async def test_erasure_is_reported_as_erased_not_tampered(service, database):

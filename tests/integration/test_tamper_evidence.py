@@ -1,9 +1,8 @@
-"""Tamper evidence outside the chain: signed chain-head checkpoints, and erasure that keeps the
-chain intact."""
+"""Tamper evidence outside the chain: the signing key, and erasure that keeps the chain intact
+(signed checkpoints: test_tree_integrator.py and tests/api/test_verify_end_to_end.py)."""
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import uuid
 from datetime import timedelta
@@ -11,16 +10,9 @@ from datetime import timedelta
 import asyncpg
 import pytest
 
-from db.store import Committed, EventStore, stored_event
-from domain.chain import GENESIS_HASH, ChainedRecord, find_break, link, to_microseconds
-from projections.checkpoints import (
-    ChainHeadCheckpointer,
-    check_against_log,
-    load_or_create_key,
-    read_all,
-    sign,
-    write,
-)
+from db.store import Committed, EventStore
+from domain.chain import ChainedRecord, find_break, link, to_microseconds
+from projections.checkpoints import load_or_create_key
 from projections.audit_checks import original_bytes
 from projections.verify import verify
 from usecases.erase import ErasureRefused, erase
@@ -33,77 +25,11 @@ async def fill(app_pool, n: int = 4) -> list[Committed]:
     return outcomes  # type: ignore[return-value]
 
 
-async def log_id(connection) -> str:
-    return str(await connection.fetchval("SELECT log_id FROM log_identity"))
-
-
-async def rewrite_forward_from(owner: asyncpg.Connection, position: int) -> None:
-    """What a superuser could do: edit an event, then recompute every later hash so the chain
-    verifies again on its own."""
-    async with owner.transaction():
-        await owner.execute("ALTER TABLE events DISABLE TRIGGER USER")
-        await owner.execute(
-            "UPDATE events SET data = replace(data::text, 'digit', 'DIGIT')::json WHERE position = $1", position
-        )
-        previous = GENESIS_HASH
-        for row in await owner.fetch("SELECT * FROM events ORDER BY position"):
-            record = stored_event(row).chained()
-            previous = link(previous, record)
-            await owner.execute("UPDATE events SET hash = $1 WHERE position = $2", previous, record.position)
-        await owner.execute("ALTER TABLE events ENABLE TRIGGER USER")
-
-
-async def test_a_forward_rewrite_verifies_alone_but_not_against_a_signed_checkpoint(app_pool, owner, tmp_path):
-    committed = await fill(app_pool)
-    key = load_or_create_key(tmp_path / "key.pem")
-    head = committed[-1]
-    write(tmp_path / "heads", sign(key, await log_id(owner), head.head_position, head.head_hash.hex()),
-          append_history=True)
-    checked, problems = await check_against_log(owner, tmp_path / "heads", await log_id(owner), key.public_key())
-    assert checked == 2 and problems == []  # history + latest
-
-    await rewrite_forward_from(owner, 3)
-    rows = await EventStore(app_pool).read_all(0, 100)
-    assert find_break((e.chained(), e.hash) for e in rows)[0] is None  # the chain alone is fooled
-    _, problems = await check_against_log(owner, tmp_path / "heads", await log_id(owner), key.public_key())
-    assert problems and problems[0].position == head.head_position and "rewritten" in problems[0].reason
-
-
-async def test_a_forged_or_foreign_checkpoint_is_refused(app_pool, owner, tmp_path):
-    committed = await fill(app_pool)
-    mine, theirs = load_or_create_key(tmp_path / "mine.pem"), load_or_create_key(tmp_path / "theirs.pem")
-    identity = await log_id(owner)
-    write(tmp_path / "heads", sign(theirs, identity, 8, committed[-1].head_hash.hex()), append_history=False)
-    _, problems = await check_against_log(owner, tmp_path / "heads", identity, mine.public_key())
-    assert problems and "signature" in problems[0].reason
-
-
 async def test_the_key_file_is_private_and_stable(tmp_path):
     first = load_or_create_key(tmp_path / "k.pem")
     assert (tmp_path / "k.pem").stat().st_mode & 0o777 == 0o600
     second = load_or_create_key(tmp_path / "k.pem")
     assert first.public_key().public_bytes_raw() == second.public_key().public_bytes_raw()
-
-
-async def test_the_checkpointer_signs_the_applied_head_and_catches_up_after_a_quiet_spell(app_pool, database, owner, tmp_path):
-    committed = await fill(app_pool, 3)
-    key = load_or_create_key(tmp_path / "key.pem")
-    checkpointer = ChainHeadCheckpointer(database.app_dsn, tmp_path / "heads", key, interval_s=0.2, history_s=0)
-    await checkpointer.start()
-    try:
-        checkpointer.on_applied(2, 2)
-        checkpointer.on_applied(6, 4)  # arrives during the interval: written once it has passed
-        identity = await log_id(owner)
-        for _ in range(100):
-            latest = read_all(tmp_path / "heads", identity)
-            if latest and latest[-1].checkpoint.position == 6:
-                break
-            await asyncio.sleep(0.05)
-        assert latest[-1].checkpoint.position == 6
-        assert latest[-1].checkpoint.hash == committed[-1].head_hash.hex()
-    finally:
-        await checkpointer.stop()
-    assert (await check_against_log(owner, tmp_path / "heads", identity, key.public_key()))[1] == []
 
 
 async def test_erasure_deletes_the_bytes_records_why_and_keeps_the_chain(app_pool, database, owner):
