@@ -21,6 +21,7 @@ from service.metrics import Metrics
 from service.observability import Observed
 from service.problems import EXCEPTION_HANDLERS
 from service.quality_routes import QUALITY_ROUTES
+from service.tlog_routes import TLOG_ROUTES
 from service.routes import ROUTES
 from service.security import scope_guard
 from service.uploads import MAX_PARTS
@@ -90,7 +91,7 @@ def create_app(settings: Settings, app_dsn: str, *, run_projections: bool = True
         return started[0]  # the lifespan has run before any request is served
 
     app = Litestar(
-        route_handlers=[live, ready, *ROUTES, *LABEL_ROUTES, *QUALITY_ROUTES],
+        route_handlers=[live, ready, *ROUTES, *LABEL_ROUTES, *QUALITY_ROUTES, *TLOG_ROUTES],
         lifespan=[lifespan],
         dependencies={"services": Provide(provide_services, sync_to_thread=False)},
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]

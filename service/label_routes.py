@@ -16,6 +16,7 @@ from domain.labels import MAX_REASON_CHARS, MAX_SOURCE_CHARS, LabelEntry
 from domain.rejections import Rejected
 from domain.uploads import check_idempotency_key
 from service.bootstrap import ServicesDependency
+from service.checkpoint_wait import PREFERENCE_APPLIED, checkpointed, wants_checkpoint
 from service.openapi import (
     BulkLabelOperation,
     LabelOperation,
@@ -56,13 +57,14 @@ def _metadata(request: Request) -> dict[str, object]:
             "actor": state.get(ACTOR)}
 
 
-async def _written(services: ServicesDependency, prediction_id: UUID, recorded: Recorded, entry: LabelEntry,
-                   current: int | None) -> LabelWritten:
+async def _written(request: Request, services: ServicesDependency, prediction_id: UUID, recorded: Recorded,
+                   entry: LabelEntry, current: int | None, status_code: int, headers: dict[str, str]) -> Response[LabelWritten]:
     log_id = await services.log.id()
-    return LabelWritten(
-        prediction_id=str(prediction_id), current_label=current, entry=entry,
-        receipt=receipt(log_id, recorded.events, recorded.head_position, recorded.head_hash),
-    )
+    the_receipt = receipt(log_id, recorded.events, recorded.head_position, recorded.head_hash)
+    if wants_checkpoint(request) and (signed := await checkpointed(services, the_receipt)) is not None:
+        the_receipt, headers = signed, {**headers, **PREFERENCE_APPLIED}
+    written = LabelWritten(prediction_id=str(prediction_id), current_label=current, entry=entry, receipt=the_receipt)
+    return Response(written, status_code=status_code, headers=headers)
 
 
 @post(
@@ -95,8 +97,8 @@ async def record_label(
     )
     entry = LabelEntry(kind="recorded", stream_version=recorded.events[-1].stream_version, label=label.label,
                        source=label.source, note=label.note, reason=None, actor=_actor(request))
-    return Response(await _written(services, prediction_id, recorded, entry, label.label), status_code=201,
-                    headers={"Location": f"/prediction/{prediction_id}/labels"})
+    return await _written(request, services, prediction_id, recorded, entry, label.label, 201,
+                          {"Location": f"/prediction/{prediction_id}/labels"})
 
 
 @delete(
@@ -113,13 +115,13 @@ async def withdraw_label(
     services: ServicesDependency,
     prediction_id: Annotated[UUID, PathParameter()],
     reason: Annotated[str, QueryParameter(min_length=1, max_length=MAX_REASON_CHARS, description="Why")],
-) -> LabelWritten:
+) -> Response[LabelWritten]:
     recorded = await services.labels.withdraw(
         prediction_id, reason=reason, actor=_actor(request), metadata=_metadata(request)
     )
     entry = LabelEntry(kind="withdrawn", stream_version=recorded.events[-1].stream_version, label=None,
                        source=None, note=None, reason=reason, actor=_actor(request))
-    return await _written(services, prediction_id, recorded, entry, None)
+    return await _written(request, services, prediction_id, recorded, entry, None, 200, {})
 
 
 @get(

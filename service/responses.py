@@ -13,7 +13,9 @@ from typing import Any
 import msgspec
 
 from db.store import StoredEvent
+from domain.chain import canonical_bytes
 from domain.event_lines import EventLine, event_line
+from domain.merkle import leaf_hash
 from domain.events import PredictionFailed, PredictionMade, PredictionRequested
 
 
@@ -28,7 +30,10 @@ class ReceiptEvent(msgspec.Struct, frozen=True):
     position: int
     stream_version: int
     type: str
-    hash: str
+    hash: str  # hex: the hash chain's link
+    leaf_index: int  # position - 1: the event's leaf in the Merkle tree
+    leaf_hash: str  # base64 SHA-256(0x00 ‖ canonical bytes), as tlog proofs spell hashes
+    inclusion_proof: list[str] | None = None  # with Prefer: wait=checkpoint, against `checkpoint`
 
 
 class ChainHead(msgspec.Struct, frozen=True):
@@ -43,6 +48,7 @@ class Receipt(msgspec.Struct, frozen=True):
     stream_id: str
     events: list[ReceiptEvent]
     head: ChainHead
+    checkpoint: str | None = None  # with Prefer: wait=checkpoint: the signed note that includes the events
 
 
 class PredictionCreated(msgspec.Struct, frozen=True):
@@ -121,7 +127,9 @@ def receipt(log_id: str, events: list[StoredEvent], head_position: int, head_has
         log_id=log_id,
         stream_id=str(events[0].stream_id),
         events=[
-            ReceiptEvent(position=e.position, stream_version=e.stream_version, type=e.event_type, hash=e.hash.hex())
+            ReceiptEvent(position=e.position, stream_version=e.stream_version, type=e.event_type, hash=e.hash.hex(),
+                         leaf_index=e.position - 1,
+                         leaf_hash=base64.b64encode(leaf_hash(canonical_bytes(e.chained()))).decode())
             for e in events
         ],
         head=ChainHead(position=head_position, hash=head_hash.hex()),

@@ -18,6 +18,7 @@ from domain.preprocessing import sniff_format
 from domain.uploads import check_idempotency_key
 from projections import queries
 from service.bootstrap import ServicesDependency
+from service.checkpoint_wait import PREFERENCE_APPLIED, checkpointed, wants_checkpoint
 from service.openapi import ProblemOperation, UploadOperation, problem_spec
 from service.problems import Problem
 from service.responses import (
@@ -90,6 +91,9 @@ async def create_prediction(
         },
     )
     the_receipt = receipt(serving.log_id, recorded.events, recorded.head_position, recorded.head_hash)
+    headers = {}
+    if wants_checkpoint(request) and (signed := await checkpointed(services, the_receipt)) is not None:
+        the_receipt, headers = signed, PREFERENCE_APPLIED
     answer = created(recorded.events, the_receipt)
     prediction_id = str(recorded.events[0].stream_id)
     if isinstance(answer, tuple):
@@ -99,7 +103,7 @@ async def create_prediction(
             prediction_id=prediction_id, input_id=requested.input_id, error_code=failed.error_code,
             receipt=msgspec.to_builtins(the_receipt),
         )
-    return Response(answer, status_code=201, headers={"Location": f"/prediction/{prediction_id}"})
+    return Response(answer, status_code=201, headers={"Location": f"/prediction/{prediction_id}", **headers})
 
 
 @get(
