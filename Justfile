@@ -52,6 +52,17 @@ verify *ARGS: setup
 replay *ARGS: setup
     {{run}} python -m cli replay "$@"
 
+# check a receipt with the public endpoints and a pinned key: signed checkpoint, inclusion proofs, and consistency with an older checkpoint (--checkpoint OLD --key KEY)
+[group('audit')]
+[positional-arguments]
+verify-receipt FILE *ARGS: setup
+    {{run}} python -m cli verify-receipt "$@"
+
+# make a new checkpoint signing key; the next checkpoint is signed by both, and both stay published
+[group('audit')]
+rotate-key *ARGS: setup
+    {{run}} python -m cli rotate-key {{ARGS}}
+
 # re-run the recorded model on the stored bytes of a prediction and compare
 [group('audit')]
 reproduce ID: setup

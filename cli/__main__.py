@@ -14,12 +14,14 @@ COMMANDS = {
     "erase": "erase an original upload (just erase)",
     "quality": "each model's measured quality against its labels (just quality)",
     "labels-import": "send labels from a CSV or NDJSON file (just labels-import)",
+    "verify-receipt": "check a receipt against the signed checkpoints (just verify-receipt)",
+    "rotate-key": "make a new checkpoint signing key (just rotate-key)",
 }
 
 
 def main(argv: list[str]) -> int:
     if not argv or argv[0] not in COMMANDS:
-        listing = "\n".join(f"  {name:<10} {what}" for name, what in COMMANDS.items())
+        listing = "\n".join(f"  {name:<14} {what}" for name, what in COMMANDS.items())
         print(f"usage: python -m cli <command> [args]\n\ncommands:\n{listing}", file=sys.stderr)
         return 2
     command, rest = argv[0], argv[1:]
@@ -43,6 +45,10 @@ def main(argv: list[str]) -> int:
         from cli.labels_import import main as labels_import
 
         return labels_import(rest)
+    if command in ("verify-receipt", "rotate-key"):
+        from cli.tlog import main_rotate_key, main_verify_receipt
+
+        return (main_verify_receipt if command == "verify-receipt" else main_rotate_key)(rest)
     if command == "quality":
         from cli.quality import main as quality
 

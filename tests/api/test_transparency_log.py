@@ -6,14 +6,20 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
+import os
+import subprocess
+import sys
 
 import msgspec
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from domain import merkle
 from domain.chain import ChainedRecord, canonical_bytes
 from domain.signed_note import parse_verifier_key
-from projections.checkpoints import chain_head_of, open_checkpoint
+from harness.live import ROOT
+from projections.checkpoints import NoteKey, chain_head_of, open_checkpoint
 from tests.fixtures import digit_files
 
 pytestmark = pytest.mark.timeout(180)
@@ -154,3 +160,40 @@ def test_bad_proof_requests_are_problems_not_errors(client):
         answer = client.get(path)
         assert answer.status_code == status, (path, answer.text)
         assert answer.headers["content-type"] == "application/problem+json"
+
+
+def run_verify_receipt(service, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "cli", "verify-receipt", *args, "--url", service.url],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_verify_receipt_checks_signature_inclusion_and_consistency(service, client, tmp_path):
+    key = published_key(client)
+    older = tmp_path / "older.note"
+    older.write_text(client.get("/checkpoint").text)
+    answer = upload(client, 7, WAIT).json()
+    upload(client, 8, WAIT)
+    saved = tmp_path / "answer.json"
+    saved.write_text(json.dumps(answer))
+
+    done = run_verify_receipt(service, str(saved), "--key", key, "--checkpoint", str(older))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "inclusion: 2 event(s)" in done.stdout and "consistency: " in done.stdout and "OK" in done.stdout
+
+    forged = json.loads(json.dumps(answer))
+    forged["receipt"]["events"][1]["leaf_hash"] = base64.b64encode(hashlib.sha256(b"forged").digest()).decode()
+    saved.write_text(json.dumps(forged))
+    done = run_verify_receipt(service, str(saved), "--key", key)
+    assert done.returncode == 1 and f"event at {answer['receipt']['events'][1]['position']}" in done.stdout, done.stdout
+
+    saved.write_text(json.dumps(answer))
+    stranger = Ed25519PrivateKey.generate()
+    name, _, _ = parse_verifier_key(key)
+    done = run_verify_receipt(service, str(saved), "--key", NoteKey(name, stranger).verifier_key)
+    assert done.returncode == 1 and "signed by no trusted key" in done.stdout, done.stdout
+
+    body, signatures = older.read_text().rsplit("\n\n", 1)  # flip the note's last character
+    older.write_text(body[:-1] + ("0" if body[-1] != "0" else "1") + "\n\n" + signatures)
+    done = run_verify_receipt(service, str(saved), "--key", key, "--checkpoint", str(older))
+    assert done.returncode == 1 and "--checkpoint" in done.stdout, done.stdout
