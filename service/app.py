@@ -57,6 +57,7 @@ async def ready(services: ServicesDependency) -> Response[dict[str, Any]]:
                 "runs": settings.projections,
                 "active_here": services.projection.is_active if services.projection else False,
             }
+            checks["transparency_log"] = await services.refresh_tlog()
     except (*CONNECTION_ERRORS, DatabaseUnavailable, asyncpg.PostgresError) as error:
         checks["database"] = {"ok": False, "error": f"{type(error).__name__}: {error}"}
     slot = services.model

@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import asyncpg
 from litestar.di import NamedDependency
@@ -33,7 +33,7 @@ from domain.quality import drift, quality_report
 from inference.batcher import MicroBatcher
 from infra.database import create_pool
 from infra.settings import Settings
-from projections import quality, queries
+from projections import quality, queries, tree_store
 from projections.process import ProjectionWorker
 from service.metrics import Metrics
 from usecases.errors import NotReady
@@ -242,6 +242,28 @@ class Services:
         self.metrics.projection_lag_events.set(lag.events)
         self.metrics.projection_lag_seconds.set(lag.seconds)
         return lag
+
+    async def refresh_tlog(self) -> dict[str, Any]:
+        """The transparency log's state for readiness and /metrics: integrated, signed, refusing."""
+        async with self.reading() as connection:
+            tree = await tree_store.tree_state(connection)
+            latest = await tree_store.latest_checkpoint(connection)
+            refusal = await tree_store.open_refusal(connection)
+            now_us = await connection.fetchval("SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::bigint")
+        age_s = None if latest is None else max(0.0, (now_us - latest.signed_at_us) / 1e6)
+        self.metrics.tree_size.set(tree.size)
+        self.metrics.checkpoint_size.set(0 if latest is None else latest.tree_size)
+        self.metrics.checkpoint_age_seconds.set(float("nan") if age_s is None else age_s)
+        self.metrics.checkpoint_refusing.set(1 if refusal else 0)
+        return {
+            # Refusing to sign means the stored tree no longer extends what was signed: an incident.
+            "ok": refusal is None,
+            "tree_size": tree.size,
+            "checkpoint_size": None if latest is None else latest.tree_size,
+            "checkpoint_age_seconds": age_s,
+            "refusing": None if refusal is None else refusal.reason,
+            "integrator": "on" if self.settings.tree_integrator else "off",
+        }
 
 
 # How handlers ask for the services: injected by name, and never validated (it is ours).

@@ -58,6 +58,16 @@ class Metrics:
         self.projection_lag_seconds = Gauge(
             "projection_lag_seconds", "Age of the oldest event not yet projected", registry=r
         )
+        self.tree_size = Gauge("tlog_tree_size", "Leaves in the stored Merkle tree (events integrated)", registry=r)
+        self.checkpoint_size = Gauge("tlog_checkpoint_size", "Tree size of the latest signed checkpoint", registry=r)
+        self.checkpoint_age_seconds = Gauge(
+            "tlog_checkpoint_age_seconds", "Time since the latest signed checkpoint", registry=r
+        )
+        self.checkpoint_refusing = Gauge(
+            "tlog_checkpoint_refusing",
+            "1 while the integrator refuses to sign (the stored tree does not extend the last signed one)",
+            registry=r,
+        )
 
         # Model quality from the projection's quality cells (refreshed on each scrape). `window`
         # "hour" counts from the start of the previous UTC hour, "day" from the same hour a day

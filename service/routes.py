@@ -288,6 +288,7 @@ async def model(services: ServicesDependency) -> ModelDescription:
 async def metrics(services: ServicesDependency) -> bytes:
     try:
         await services.refresh_lag()
+        await services.refresh_tlog()
         await services.refresh_quality()
     except DatabaseUnavailable:
         pass  # the scrape still answers; the gauges keep their last values

@@ -156,8 +156,9 @@ async def rewrite_forward(owner_dsn: str, position: int, *, and_the_tree: bool =
     try:
         async with connection.transaction():
             await connection.execute("SET LOCAL session_replication_role = replica")  # no triggers
-            await connection.execute(
-                "UPDATE events SET data = replace(data::text, 'digit', 'Digit')::json WHERE position = $1", position
+            await connection.execute(  # a key added to the event's JSON
+                "UPDATE events SET data = ('{\"tampered\":true,' || substr(data::text, 2))::json WHERE position = $1",
+                position,
             )
             previous, forged, leaves = GENESIS_HASH, merkle.TreeBuilder(), []
             for row in await connection.fetch("SELECT * FROM events ORDER BY position"):
@@ -209,3 +210,26 @@ async def test_erasure_is_reported_as_erased_not_tampered(service, database):
     result = run_verify(database.owner_dsn)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "1 erased" in result.stdout
+
+
+async def test_the_integrator_refuses_to_sign_over_a_rewritten_tree_and_says_why(start_service, database):
+    service = start_service(CHECKPOINT_INTERVAL_MS="100", CHECKPOINT_WAIT_TIMEOUT_S="2")
+    with httpx.Client(base_url=service.url, timeout=30) as http:
+        path, _ = digit_files()[0]
+        upload = {"file": (path.name, path.read_bytes(), "image/png")}
+        first = http.post("/prediction/", files=upload, headers={"Prefer": "wait=checkpoint"})
+        assert first.headers["preference-applied"] == "wait=checkpoint"
+        signed = first.json()["receipt"]["events"][-1]["position"]  # after the model's registration
+        ready = http.get("/health/ready").json()["checks"]["transparency_log"]
+        assert ready["ok"] and ready["checkpoint_size"] == signed and ready["refusing"] is None
+
+        await rewrite_forward(database.owner_dsn, signed - 1, and_the_tree=True)  # the upload's request
+        late = http.post("/prediction/", files=upload, headers={"Prefer": "wait=checkpoint"})
+        assert late.status_code == 201 and "preference-applied" not in late.headers  # committed, never signed
+        assert late.json()["receipt"]["checkpoint"] is None
+        answer = http.get("/health/ready")
+        assert answer.status_code == 503
+        refusing = answer.json()["checks"]["transparency_log"]["refusing"]
+        assert f"does not extend the signed tree of size {signed}" in refusing
+        assert "tlog_checkpoint_refusing 1.0" in http.get("/metrics").text
+    assert "refusing to sign a checkpoint" in service.log()
