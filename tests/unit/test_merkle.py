@@ -20,15 +20,23 @@ from hypothesis import strategies as st
 
 from domain.merkle import (
     EMPTY_ROOT,
+    TILE_WIDTH,
     ProofError,
     TreeBuilder,
+    consistency_path,
     consistency_proof,
     entries_path,
+    entry_bundle,
+    inclusion_path,
     inclusion_proof,
     leaf_hash,
     node_hash,
+    nodes_needed,
+    parse_entry_bundle,
     parse_tile_path,
+    range_hash,
     root,
+    tile_of,
     tile_path,
     verify_consistency,
     verify_inclusion,
@@ -334,3 +342,58 @@ def test_malformed_tile_paths_are_refused(path):
 def test_tile_paths_round_trip(level, index, width):
     path = entries_path(index, width) if level == "entries" else tile_path(level, index, width)
     assert parse_tile_path(path) == (level, index, width)
+
+
+# --- proofs from stored perfect subtrees (what a log serves from its tiles) -------------------
+
+
+def _perfect_nodes(hashes: list[bytes]):
+    """node(level, index) computed from the leaves, as a tile store would hold it."""
+    def node(level: int, index: int) -> bytes:
+        lo = index << level
+        assert lo + (1 << level) <= len(hashes), "only complete subtrees are ever read"
+        return root(hashes[lo : lo + (1 << level)])
+    return node
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 700).flatmap(lambda n: st.tuples(st.just(n), st.integers(0, n - 1), st.integers(1, n))))
+def test_proofs_from_perfect_subtrees_equal_the_proofs_from_the_leaves(case):
+    n, index, old = case
+    hashes = leaves(n, b"tiles")
+    node = _perfect_nodes(hashes)
+    subtree = lambda lo, hi: range_hash(lo, hi, node)  # noqa: E731
+    assert subtree(0, n) == root(hashes)
+    assert inclusion_path(index, n, subtree) == inclusion_proof(index, hashes)
+    assert consistency_path(old, n, subtree) == consistency_proof(old, hashes)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(1, 5000).flatmap(lambda n: st.tuples(st.just(n), st.integers(0, n - 1))))
+def test_a_proof_reads_few_nodes_and_only_complete_ones(case):
+    n, index = case
+    needed = nodes_needed(lambda subtree: inclusion_path(index, n, subtree))
+    assert len(needed) <= 2 * n.bit_length()
+    assert all((i + 1) << level <= n for level, i in needed)
+    assert len({tile_of(level, i)[:2] for level, i in needed}) <= 2 * (n.bit_length() // 8 + 1)
+
+
+def test_where_tiles_keep_a_node():
+    assert tile_of(0, 0) == (0, 0, 0, 1)
+    assert tile_of(0, 300) == (0, 1, 44, 1)
+    assert tile_of(8, 3) == (1, 0, 3, 1)
+    assert tile_of(3, 5) == (0, 0, 40, 8)  # 8 leaf hashes of tile 0/0, folded
+    assert tile_of(10, 70) == (1, 1, 24, 4)  # level 10 = tile level 1, 4 of its hashes
+    assert tile_of(16, 2**20) == (2, 2**12, 0, 1)
+    assert TILE_WIDTH == 256
+
+
+def test_entry_bundles_carry_each_entry_after_its_two_byte_length():
+    entries = [b"", b"a", bytes(300), bytes(0xFFFF)]
+    bundle = entry_bundle(entries)
+    assert bundle[:2] == b"\x00\x00" and bundle[2:5] == b"\x00\x01a" and bundle[5:7] == (300).to_bytes(2, "big")
+    assert parse_entry_bundle(bundle) == entries
+    with pytest.raises(ValueError, match="2-byte length"):
+        entry_bundle([bytes(0x10000)])
+    with pytest.raises(ValueError):
+        parse_entry_bundle(b"\x00\x05abc")
