@@ -102,3 +102,10 @@ bench *ARGS: setup
 [positional-arguments]
 erase DIGEST *ARGS: setup
     {{run}} python -m cli erase "$@"
+
+# a cluster on this machine: PostgreSQL primary + streaming standby, NODES service nodes (default 3) reading through it, HAProxy in front; Ctrl-C stops it all
+[group('run')]
+[positional-arguments]
+cluster *ARGS: setup
+    @command -v haproxy >/dev/null 2>&1 || (echo "installing haproxy from Debian" && apt-get update -qq && apt-get install -y -qq haproxy >/dev/null)
+    {{run}} python -m harness.cluster "$@"

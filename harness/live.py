@@ -56,12 +56,21 @@ class LiveService:
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, ready_timeout_s: float = 120.0) -> "LiveService":
+        self.launch()
+        self.wait_ready(ready_timeout_s)
+        return self
+
+    def launch(self, **popen: object) -> None:
+        """Start the process without waiting for it (several start faster side by side)."""
         self._log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "cli", "serve"], cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT
+            [sys.executable, "-m", "cli", "serve"], cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
+            **popen,  # type: ignore[arg-type]
         )
-        wait_ready(self.process, f"{self.url}/health/ready", ready_timeout_s, "the service", self.log)
-        return self
+
+    def wait_ready(self, timeout_s: float = 120.0) -> None:
+        assert self.process is not None
+        wait_ready(self.process, f"{self.url}/health/ready", timeout_s, "the service", self.log)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-5000:] if self.log_path.exists() else ""

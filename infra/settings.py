@@ -112,6 +112,16 @@ def _log_origin(value: str | None) -> str | None:
     return value
 
 
+def _node_name(value: str | None) -> str | None:
+    """Goes into PostgreSQL's application_name (63 bytes, ASCII kept), after the worker's name."""
+    if value is None or not value.strip():
+        return None
+    value = value.strip()
+    if len(value) > 24 or not all(c.isascii() and (c.isalnum() or c in "-_.") for c in value):
+        raise SettingsError(f"NODE_NAME must be 1-24 characters of letters, digits, '-', '_', '.'; got {value!r}")
+    return value
+
+
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
     database_url: str | None  # superuser/owner URL for migrations; None: the embedded server
     app_database_url: str | None  # the service's own (non-superuser) login; derived when None
@@ -141,6 +151,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     projection_batch_size: int  # events per projection transaction at most
     projection_lock_poll_s: float  # how often a standby worker tries to take over
     read_your_writes_timeout_s: float
+    replica_max_wait_s: float  # how long a read waits for the replica to replay what was committed
+    replica_retry_s: float  # after the replica was unreachable or too far behind: primary reads this long
+    node_name: str | None  # names this node in the elected workers' sessions (readiness says who is active)
     readiness_max_lag_events: int  # 0: lag never turns readiness red
     checkpoint_dir: Path
     checkpoint_key: Path  # Ed25519 private key (PEM) that signs checkpoints; never in the database
@@ -187,6 +200,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             projection_batch_size=_positive_int("PROJECTION_BATCH_SIZE", 1000),
             projection_lock_poll_s=_float("PROJECTION_LOCK_POLL_S", 1.0),
             read_your_writes_timeout_s=_float("READ_YOUR_WRITES_TIMEOUT_S", 5.0),
+            replica_max_wait_s=_float("REPLICA_MAX_WAIT_S", 1.0),
+            replica_retry_s=_float("REPLICA_RETRY_S", 5.0),
+            node_name=_node_name(os.environ.get("NODE_NAME")),
             readiness_max_lag_events=_int("READINESS_MAX_LAG_EVENTS", 0),
             checkpoint_dir=Path(_env("CHECKPOINT_DIR", str(PROJECT_ROOT / ".data" / "checkpoints"))),
             checkpoint_key=Path(_env("CHECKPOINT_KEY", str(PROJECT_ROOT / ".data" / "checkpoint_ed25519.pem"))),

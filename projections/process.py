@@ -21,6 +21,7 @@ class ProjectionWorker:
             poll_interval_s=settings.projection_poll_s,
             lock_poll_s=settings.projection_lock_poll_s,
             connect_timeout_s=settings.connect_timeout_s,
+            node=settings.node_name,
         )
         integrator = None
         if settings.tree_integrator:

@@ -40,9 +40,14 @@ def projection_lock_key(name: str) -> int:
     return int.from_bytes(hashlib.sha256(f"projection:{name}".encode()).digest()[:8], "big", signed=True)
 
 
-def worker_server_settings(name: str) -> dict[str, str]:
+WORKER_SESSION_PREFIX = "projection:"
+
+
+def worker_server_settings(name: str, node: str | None = None) -> dict[str, str]:
     return {
-        "application_name": f"projection:{name}"[:63],
+        # `projection:<name>[@<node>]`: which node holds which election is visible in
+        # pg_stat_activity, and so in every node's readiness (`elected_workers`).
+        "application_name": (f"{WORKER_SESSION_PREFIX}{name}" + (f"@{node}" if node else ""))[:63],
         # A worker whose host vanished (no FIN) must lose its session, and so the lock, within
         # seconds: TCP keepalives (ignored on Unix sockets, where a dead peer is seen at once) ...
         "tcp_keepalives_idle": "5",
@@ -55,6 +60,27 @@ def worker_server_settings(name: str) -> dict[str, str]:
         # Never keep a generic plan chosen while the read tables were empty (see append_settings).
         "plan_cache_mode": "force_custom_plan",
     }
+
+
+async def elected_workers(connection: asyncpg.Connection) -> dict[str, str]:
+    """{elected worker: where it runs} for every follower holding its lock now, whichever node.
+
+    Where: the session's node name, else its client address and port. A session sees the
+    details of sessions of its own role, which every follower uses.
+    """
+    rows = await connection.fetch(
+        """
+        SELECT DISTINCT a.application_name, host(a.client_addr) AS address, a.client_port
+        FROM pg_locks AS l JOIN pg_stat_activity AS a ON a.pid = l.pid
+        WHERE l.locktype = 'advisory' AND l.granted AND a.application_name LIKE $1
+        """,
+        WORKER_SESSION_PREFIX + "%",
+    )
+    found = {}
+    for row in rows:
+        name, _, node = row["application_name"].removeprefix(WORKER_SESSION_PREFIX).partition("@")
+        found[name] = node or (f"{row['address']}:{row['client_port']}" if row["address"] else "local socket")
+    return found
 
 
 class ElectedFollower:
@@ -81,6 +107,7 @@ class ElectedFollower:
         command_timeout_s: float = 60.0,
         drain_timeout_s: float = 30.0,
         coalesce_s: float = 0.0,
+        node: str | None = None,
     ) -> None:
         self._dsn = dsn
         self._poll_interval_s = poll_interval_s
@@ -94,6 +121,7 @@ class ElectedFollower:
         self._command_timeout_s = command_timeout_s
         self._drain_timeout_s = drain_timeout_s
         self._coalesce_s = coalesce_s
+        self._node = node
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
         self._wake = asyncio.Event()
@@ -154,7 +182,7 @@ class ElectedFollower:
                     self._dsn,
                     timeout=self._connect_timeout_s,
                     command_timeout=self._command_timeout_s,
-                    server_settings=worker_server_settings(self.name),
+                    server_settings=worker_server_settings(self.name, self._node),
                 )
                 connection.add_termination_listener(lambda _connection: self._wake.set())
                 await self._serve(connection)

@@ -15,6 +15,7 @@ from litestar.openapi import OpenAPIConfig
 from db.migrate import pending_migrations
 from db.store import CONNECTION_ERRORS, DatabaseUnavailable
 from infra.settings import Settings
+from projections.worker import elected_workers
 from service.bootstrap import Services, ServicesDependency
 from service.label_routes import LABEL_ROUTES
 from service.metrics import Metrics
@@ -34,19 +35,22 @@ async def live() -> dict[str, str]:
 
 @get(
     "/health/ready",
-    summary="Readiness: database reachable, migrations applied, model warm, projection lag",
+    summary="Readiness: database reachable, migrations applied, model warm, projection lag; the replica's lag",
     tags=["health"],
 )
 async def ready(services: ServicesDependency) -> Response[dict[str, Any]]:
     settings = services.settings
     checks: dict[str, Any] = {}
+    replica = None
     try:
         async with asyncio.timeout(settings.connect_timeout_s):
-            async with services.reading() as connection:
+            # The primary: writes need it, and reads fall back to it when the replica cannot serve.
+            async with services.pool.acquire(timeout=settings.connect_timeout_s) as connection:
                 await connection.fetchval("SELECT 1")
                 checks["database"] = {"ok": True}
                 pending = await pending_migrations(connection)
                 checks["migrations"] = {"ok": not pending, "pending": pending}
+                elected = await elected_workers(connection)
             lag = await services.refresh_lag()
             limit = settings.readiness_max_lag_events
             checks["projection"] = {
@@ -56,7 +60,10 @@ async def ready(services: ServicesDependency) -> Response[dict[str, Any]]:
                 "max_lag_events": limit or None,
                 "runs": settings.projections,
                 "active_here": services.projection.is_active if services.projection else False,
+                "elected": elected,
             }
+            # Reported, never a reason to leave the pool: without the replica reads go to the primary.
+            replica = await services.refresh_replica()
             checks["transparency_log"] = await services.refresh_tlog()
     except (*CONNECTION_ERRORS, DatabaseUnavailable, asyncpg.PostgresError) as error:
         checks["database"] = {"ok": False, "error": f"{type(error).__name__}: {error}"}
@@ -70,7 +77,7 @@ async def ready(services: ServicesDependency) -> Response[dict[str, Any]]:
         **({"error": slot.error} if slot.error else {}),
     }
     ok = all(check["ok"] for check in checks.values()) and "migrations" in checks
-    body = {"status": "ready" if ok else "not_ready", "checks": checks}
+    body = {"status": "ready" if ok else "not_ready", "checks": checks, "replica": replica}
     return Response(body, status_code=200 if ok else 503, headers={} if ok else {"Retry-After": "1"})
 
 

@@ -26,6 +26,7 @@ from litestar.di import NamedDependency
 from litestar.params import SkipValidation
 
 from db.group_commit import GroupCommitter
+from db.replica import ReadRouter
 from db.store import CONNECTION_ERRORS, DatabaseUnavailable, EventStore
 from domain.model_port import ModelInfo
 from domain.preprocessing import PreprocessSpec
@@ -105,6 +106,7 @@ class Services:
     metrics: Metrics
     pool: asyncpg.Pool
     read_pool: asyncpg.Pool
+    reads: ReadRouter  # the replica once it has replayed what was committed, else the primary
     store: EventStore
     committer: GroupCommitter
     model: ModelSlot
@@ -120,12 +122,16 @@ class Services:
         # min_size=0: the service starts (readiness red) while the database is down.
         pool = await create_pool(app_dsn, s, min_size=0)
         read_pool = await create_pool(s.database_read_url, s, min_size=0) if s.database_read_url else pool
+        reads = ReadRouter(
+            pool, read_pool if read_pool is not pool else None, max_wait_s=s.replica_max_wait_s,
+            retry_s=s.replica_retry_s, acquire_timeout_s=s.connect_timeout_s, on_read=metrics.observe_read,
+        )
         store = EventStore(pool)
         committer = GroupCommitter(store, max_group=s.max_group, on_group=metrics.observe_commit)
         committer.start()
         projection = await ProjectionWorker.start(app_dsn, s) if run_projections else None
         services = cls(
-            settings=s, metrics=metrics, pool=pool, read_pool=read_pool, store=store, committer=committer,
+            settings=s, metrics=metrics, pool=pool, read_pool=read_pool, reads=reads, store=store, committer=committer,
             model=ModelSlot(), projection=projection, labels=LabelService(store, committer), log=LogIdentity(store),
             decoder=ThreadPoolExecutor(max_workers=2, thread_name_prefix="decode"), background=[],
         )
@@ -196,9 +202,10 @@ class Services:
 
     @asynccontextmanager
     async def reading(self) -> AsyncIterator[asyncpg.Connection]:
-        """A connection for queries (the replica when DATABASE_READ_URL is set)."""
+        """A connection for queries that sees every commit acknowledged before the call: the
+        replica's (DATABASE_READ_URL) once it has replayed them, else the primary's (db/replica.py)."""
         try:
-            async with self.read_pool.acquire(timeout=self.settings.connect_timeout_s) as connection:
+            async with self.reads.connection() as connection:
                 yield connection
         except CONNECTION_ERRORS as error:
             raise DatabaseUnavailable(f"database unavailable: {error}") from error
@@ -242,6 +249,13 @@ class Services:
         self.metrics.projection_lag_events.set(lag.events)
         self.metrics.projection_lag_seconds.set(lag.seconds)
         return lag
+
+    async def refresh_replica(self) -> dict[str, Any] | None:
+        """The replica's reachability and lag (None without DATABASE_READ_URL)."""
+        status = await self.reads.status()
+        if status is not None:
+            self.metrics.replica_lag_bytes.set(status["lag_bytes"] if status["reachable"] else float("nan"))
+        return status
 
     async def refresh_tlog(self) -> dict[str, Any]:
         """The transparency log's state for readiness and /metrics: integrated, signed, refusing."""

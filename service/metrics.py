@@ -52,6 +52,14 @@ class Metrics:
             registry=r,
         )
         self._decodes = {True: decodes.labels("inline"), False: decodes.labels("thread")}
+        reads = Counter(
+            "read_connections", "Read-side connections handed out, by server (replica or primary)", ["server"],
+            registry=r,
+        )
+        self._reads = {server: reads.labels(server) for server in ("replica", "primary")}
+        self.replica_lag_bytes = Gauge(
+            "replica_lag_bytes", "WAL the replica has not replayed yet (NaN: unreachable)", registry=r
+        )
         self.projection_lag_events = Gauge(
             "projection_lag_events", "Events appended but not yet projected", registry=r
         )
@@ -97,6 +105,9 @@ class Metrics:
 
     def observe_wait(self, wait_s: float) -> None:
         self.queue_wait.observe(wait_s)
+
+    def observe_read(self, server: str) -> None:
+        self._reads[server].inc()
 
     def observe_decode(self, inline: bool) -> None:
         self._decodes[inline].inc()

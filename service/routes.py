@@ -288,6 +288,7 @@ async def model(services: ServicesDependency) -> ModelDescription:
 async def metrics(services: ServicesDependency) -> bytes:
     try:
         await services.refresh_lag()
+        await services.refresh_replica()
         await services.refresh_tlog()
         await services.refresh_quality()
     except DatabaseUnavailable:
