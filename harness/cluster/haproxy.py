@@ -69,6 +69,7 @@ backend nodes
     acl idempotent method GET HEAD OPTIONS
     acl keyed req.hdr(Idempotency-Key) -m found
     http-request disable-l7-retry unless idempotent || keyed
+    http-response set-header X-Served-By %[srv_name]
 {servers}
 
 listen stats

