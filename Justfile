@@ -109,3 +109,11 @@ erase DIGEST *ARGS: setup
 cluster *ARGS: setup
     @command -v haproxy >/dev/null 2>&1 || (echo "installing haproxy from Debian" && apt-get update -qq && apt-get install -y -qq haproxy >/dev/null)
     {{run}} python -m harness.cluster "$@"
+
+# how far one primary carries the write path: uploads through HAProxy with 1, 2, 3 nodes and the append path alone; writes BENCHMARKS.md's cluster section
+[group('bench')]
+[positional-arguments]
+bench-cluster *ARGS: setup
+    @command -v wrk >/dev/null 2>&1 || (echo "installing wrk from Debian" && apt-get update -qq && apt-get install -y -qq wrk >/dev/null)
+    @command -v haproxy >/dev/null 2>&1 || (echo "installing haproxy from Debian" && apt-get update -qq && apt-get install -y -qq haproxy >/dev/null)
+    {{uv}} run --frozen --group bench python -m bench.cluster_bench "$@"

@@ -81,11 +81,12 @@ listen stats
 
 
 class HAProxy:
-    def __init__(self, root: Path, nodes: dict[str, int], front_port: int | None = None) -> None:
+    def __init__(self, root: Path, nodes: dict[str, int], front_port: int | None = None, *,
+                 name: str = "haproxy") -> None:
         self.front_port = front_port or free_port()
         self.stats_port = free_port()
-        self.config_path = root / "haproxy.cfg"
-        self.log_path = root / "haproxy.log"
+        self.config_path = root / f"{name}.cfg"
+        self.log_path = root / f"{name}.log"
         self.config_path.write_text(config(self.front_port, self.stats_port, nodes))
         self.process: subprocess.Popen[bytes] | None = None
 
