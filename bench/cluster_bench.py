@@ -95,9 +95,17 @@ def append_request(content: bytes) -> AppendRequest:
                          blobs={digest: content})
 
 
-async def _append_for(dsn: str, writers: int, seconds: float, contents: list[bytes]) -> int:
+async def _append_for(dsn: str, writers: int, seconds: float, contents: list[bytes]) -> tuple[int, int, int, float]:
+    """(events appended, groups, requests in them, seconds spent committing them)."""
     pool = await asyncpg.create_pool(dsn, min_size=2, max_size=4)
-    committer = GroupCommitter(EventStore(pool), max_group=256)
+    groups = [0, 0, 0.0]
+
+    def observe(size: int, commit_s: float) -> None:
+        groups[0] += 1
+        groups[1] += size
+        groups[2] += commit_s
+
+    committer = GroupCommitter(EventStore(pool), max_group=256, on_group=observe)
     committer.start()
     deadline = time.monotonic() + seconds
     appended = 0
@@ -113,7 +121,7 @@ async def _append_for(dsn: str, writers: int, seconds: float, contents: list[byt
     await asyncio.gather(*(writer(w) for w in range(writers)))
     await committer.close()
     await pool.close()
-    return appended
+    return appended, groups[0], groups[1], groups[2]
 
 
 def _append_process(dsn: str, writers: int, seconds: float, start_at: float, out: multiprocessing.Queue) -> None:
@@ -122,8 +130,9 @@ def _append_process(dsn: str, writers: int, seconds: float, start_at: float, out
     out.put(asyncio.run(_append_for(dsn, writers, seconds, contents)))
 
 
-def append_path(dsn: str, processes: int, writers: int, seconds: float, primary_pid: int) -> tuple[float, float]:
-    """(events/s, primary CPU %) with `processes` writer processes of `writers` concurrent appends each."""
+def append_path(dsn: str, processes: int, writers: int, seconds: float, primary_pid: int) -> dict:
+    """Events/s, the primary's CPU, mean group size and commit time, with `processes` writer
+    processes of `writers` concurrent appends each."""
     context = multiprocessing.get_context("spawn")
     out = context.Queue()
     start_at = time.time() + 3.0  # every process imports and connects first, then all start together
@@ -133,10 +142,12 @@ def append_path(dsn: str, processes: int, writers: int, seconds: float, primary_
         process.start()
     time.sleep(max(0.0, start_at - time.time()))
     with PrimaryCpu(primary_pid) as cpu:
-        total = sum(out.get(timeout=seconds + 120) for _ in started)
+        results = [out.get(timeout=seconds + 120) for _ in started]
     for process in started:
         process.join(30)
-    return total / seconds, cpu.percent
+    events, groups, requests, commit_s = (sum(column) for column in zip(*results))
+    return {"rate": events / seconds, "cpu": cpu.percent, "group": requests / max(1, groups),
+            "commit_ms": 1000 * commit_s / max(1, groups)}
 
 
 # ---- uploads through HAProxy ------------------------------------------------------------------
@@ -159,11 +170,11 @@ async def uploads(url: str, connections: int, args: argparse.Namespace, scratch:
     }
 
 
-def report(rows: list[tuple[str, dict]], appends: list[tuple[str, float, float]], facts: str, pg: str,
+def report(rows: list[tuple[str, dict]], appends: list[tuple[str, dict]], facts: str, pg: str,
            connections: int, args: argparse.Namespace) -> str:
     one_node = next(result for name, result in rows if name == "HAProxy, 1 node")
     node_events = 2 * one_node["rps"]
-    best_append = max(rate for _, rate, _ in appends)
+    best_append = max(a["rate"] for _, a in appends)
     lines = [
         f"Run of {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC on {facts}, {pg}; wrk `-t1 --timeout 30s`, "
         f"{args.warmup:g} s warm-up then {args.duration:g} s per row; everything (nodes, HAProxy, both PostgreSQL "
@@ -176,9 +187,11 @@ def report(rows: list[tuple[str, dict]], appends: list[tuple[str, float, float]]
         *[f"| {name} | {r['rps']:,.0f} | {2 * r['rps']:,.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['errors']} "
           f"| {r['primary_cpu_pct']:.0f}% |" for name, r in rows],
         "",
-        "| append path alone (no HTTP, no model) | events/s | primary CPU | events per primary CPU-second |",
-        "| --- | ---: | ---: | ---: |",
-        *[f"| {name} | {rate:,.0f} | {cpu:.0f}% | {100 * rate / cpu:,.0f} |" for name, rate, cpu in appends],
+        "| append path alone (no HTTP, no model) | events/s | primary CPU | events per primary CPU-second "
+        "| mean group (uploads) | mean commit ms |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        *[f"| {name} | {a['rate']:,.0f} | {a['cpu']:.0f}% | {100 * a['rate'] / a['cpu']:,.0f} | {a['group']:.1f} "
+          f"| {a['commit_ms']:.2f} |" for name, a in appends],
         "",
         f"One node through HAProxy: **{node_events:,.0f} events/s**; the append path: **{best_append:,.0f} "
         f"events/s**, so one primary carries about **{best_append / node_events:.1f} nodes** like this one "
@@ -232,16 +245,16 @@ def main() -> int:
             for proxy in fronts.values():
                 proxy.stop()
         appends = []
-        for processes in (1, 3):
-            name = f"{processes} writer process{'es' if processes > 1 else ''} × {args.writers} concurrent appends"
+        for processes, writers in ((1, args.writers), (1, 4 * args.writers), (3, args.writers)):
+            name = f"{processes} writer process{'es' if processes > 1 else ''} × {writers} concurrent appends"
             measured = []
             for _round in range(args.rounds):
-                rate, cpu = append_path(cluster.app_dsn, processes, args.writers, args.duration,
-                                        cluster.postgres.primary.process.pid)
-                print_flush(f"  {name:<48} {rate:10.0f} events/s  primary CPU {cpu:.0f}%")
-                measured.append((rate, cpu))
-            rate, cpu = max(measured)
-            appends.append((name, rate, cpu))
+                result = append_path(cluster.app_dsn, processes, writers, args.duration,
+                                     cluster.postgres.primary.process.pid)
+                print_flush(f"  {name:<48} {result['rate']:10.0f} events/s  primary CPU {result['cpu']:.0f}%  "
+                            f"group {result['group']:.1f}  commit {result['commit_ms']:.2f} ms")
+                measured.append(result)
+            appends.append((name, max(measured, key=lambda r: r["rate"])))
         facts = machine()
         text = report(rows, appends, f"{facts['cpu']} ({facts['cores']} cores) at commit `{facts['commit']}`",
                       cluster.postgres.version, args.connections, args)
