@@ -21,7 +21,7 @@ def main() -> int:
     parser.add_argument("--nodes", type=int, default=int(os.environ.get("NODES", "3")),
                         help="service nodes (default: NODES, else 3)")
     parser.add_argument("--data", type=Path, default=None,
-                        help="keep the servers' folders here (default: a temporary folder, removed on exit)")
+                        help="keep the folders here and start them again as they were on the next run (default: a temporary folder, removed on exit)")
     parser.add_argument("--port", type=int, default=int(os.environ.get("FRONT_PORT", "0")) or None,
                         help="HAProxy's port (default: FRONT_PORT, else a free one)")
     args = parser.parse_args()

@@ -13,6 +13,7 @@ primary keeps the WAL a stopped standby still needs and it catches up when start
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import time
@@ -85,11 +86,23 @@ class PostgresServer:
         self.pgdata = root / name
         self.log_path = root / f"{name}.log"
         self.run_as = run_as
-        self.port = free_port()
+        self.port = self._configured_port() or free_port()
         self.process: subprocess.Popen[bytes] | None = None
 
     def dsn(self, database: str = "postgres", user: str = SUPERUSER) -> str:
         return with_user(with_database(f"postgresql://127.0.0.1:{self.port}", database), user)
+
+    @property
+    def exists(self) -> bool:
+        return (self.pgdata / "PG_VERSION").exists()
+
+    def _configured_port(self) -> int | None:
+        """The port a kept data folder was given (so its standby still finds it)."""
+        conf = self.pgdata / "postgresql.conf"
+        if not conf.exists():
+            return None
+        ports = re.findall(r"^port = '(\d+)'", conf.read_text(), flags=re.M)
+        return int(ports[-1]) if ports else None
 
     def configure(self, **settings: str) -> None:
         """Append settings to postgresql.conf (the last occurrence wins, so a copy may override)."""
@@ -145,7 +158,11 @@ class ReplicatedPostgres:
         return subprocess.run([str(self.bindir / "postgres"), "--version"], capture_output=True, text=True).stdout.strip()
 
     def start_primary(self) -> None:
+        """initdb and configure it the first time; a kept folder (`--data`) is started as it is."""
         primary = self.primary
+        if primary.exists:
+            primary.start()
+            return
         self.run_as.run(
             [str(self.bindir / "initdb"), "-D", str(primary.pgdata), "-U", SUPERUSER, "--auth=trust",
              "-E", "UTF8", "--locale=C"],
@@ -162,6 +179,9 @@ class ReplicatedPostgres:
     def start_standby(self) -> None:
         """Clone the running primary (pg_basebackup -R, with its own slot) and start it streaming."""
         standby = self.standby
+        if standby.exists:
+            standby.start()
+            return
         self.run_as.run(
             [str(self.bindir / "pg_basebackup"), "-h", "127.0.0.1", "-p", str(self.primary.port), "-U", SUPERUSER,
              "-D", str(standby.pgdata), "-R", "-X", "stream", "-C", "-S", REPLICATION_SLOT, "-c", "fast"],
