@@ -57,11 +57,12 @@ class CheckpointEntry(msgspec.Struct, frozen=True):
 
 
 class _FullTiles:
-    """Full tiles never change: kept in memory once read (a bounded LRU), so serving one is a
-    dictionary lookup instead of a query."""
+    """Full tiles and bundles never change: kept in memory once read (an LRU bounded in bytes), so
+    serving a hot one is a dictionary lookup instead of a query."""
 
-    def __init__(self, capacity: int) -> None:
-        self._capacity = capacity
+    def __init__(self, max_bytes: int) -> None:
+        self._max_bytes = max_bytes
+        self._bytes = 0
         self._items: OrderedDict[str, bytes] = OrderedDict()
 
     def get(self, path: str) -> bytes | None:
@@ -71,12 +72,16 @@ class _FullTiles:
         return found
 
     def put(self, path: str, content: bytes) -> None:
+        if path in self._items or len(content) > self._max_bytes // 16:
+            return
         self._items[path] = content
-        if len(self._items) > self._capacity:
-            self._items.popitem(last=False)
+        self._bytes += len(content)
+        while self._bytes > self._max_bytes:
+            _, evicted = self._items.popitem(last=False)
+            self._bytes -= len(evicted)
 
 
-_full_tiles = _FullTiles(4096)  # at most 4096 × 8 KiB of hash tiles, or bundles of 256 events
+_full_tiles = _FullTiles(64 * 1024 * 1024)
 
 
 async def _latest(connection) -> tree_store.StoredCheckpoint:
