@@ -27,7 +27,8 @@ from service.problems import Problem
 from service.routes import MAX_BIGINT
 
 IMMUTABLE = "public, max-age=31536000, immutable"
-NOTE_TYPE = "text/plain; charset=utf-8"
+NOTE_TYPE = "text/plain"  # Litestar adds "; charset=utf-8"
+BINARY = "application/octet-stream"
 
 
 class InclusionProof(msgspec.Struct, frozen=True):
@@ -92,7 +93,7 @@ async def _latest(connection) -> tree_store.StoredCheckpoint:
 
 
 @get("/checkpoint", summary="The latest signed checkpoint (C2SP tlog-checkpoint signed note)", tags=["log"],
-     operation_class=ProblemOperation, responses={404: problem_spec("No checkpoint signed yet")})
+     media_type=NOTE_TYPE, operation_class=ProblemOperation, responses={404: problem_spec("No checkpoint signed yet")})
 async def latest_checkpoint(services: ServicesDependency) -> Response[str]:
     async with services.reading() as connection:
         latest = await _latest(connection)
@@ -100,7 +101,7 @@ async def latest_checkpoint(services: ServicesDependency) -> Response[str]:
 
 
 @get("/checkpoint/key", summary="The verifier key of the current signing key (signed-note form)", tags=["log"],
-     operation_class=ProblemOperation, responses={404: problem_spec("No key has signed yet")})
+     media_type=NOTE_TYPE, operation_class=ProblemOperation, responses={404: problem_spec("No key has signed yet")})
 async def checkpoint_key(services: ServicesDependency) -> Response[str]:
     async with services.reading() as connection:
         keys = await tree_store.published_keys(connection)
@@ -109,14 +110,16 @@ async def checkpoint_key(services: ServicesDependency) -> Response[str]:
     return Response(keys[0] + "\n", media_type=NOTE_TYPE, headers={"Cache-Control": "no-cache"})
 
 
-@get("/checkpoint/keys", summary="Every verifier key that ever signed a checkpoint here, newest first", tags=["log"])
+@get("/checkpoint/keys", summary="Every verifier key that ever signed a checkpoint here, newest first", tags=["log"],
+     media_type=NOTE_TYPE, operation_class=ProblemOperation)
 async def checkpoint_keys(services: ServicesDependency) -> Response[str]:
     async with services.reading() as connection:
         keys = await tree_store.published_keys(connection)
     return Response("".join(key + "\n" for key in keys), media_type=NOTE_TYPE, headers={"Cache-Control": "no-cache"})
 
 
-@get("/checkpoints", summary="Signed checkpoints, newest first", tags=["log"])
+@get("/checkpoints", summary="Signed checkpoints, newest first", tags=["log"], operation_class=ProblemOperation,
+     responses={400: problem_spec("A malformed limit or tree size")})
 async def checkpoint_history(
     services: ServicesDependency,
     limit: Annotated[int, QueryParameter(ge=1, le=1000, description="At most this many")] = 50,
@@ -196,12 +199,12 @@ def _tile_path(rest: str) -> tuple[int | str, int, int | None]:
 
 
 def _binary(content: bytes, full: bool) -> Response[bytes]:
-    return Response(content, media_type="application/octet-stream",
+    return Response(content, media_type=BINARY,
                     headers={"Cache-Control": IMMUTABLE if full else "no-cache"})
 
 
 @get("/tile/{rest:path}", summary="C2SP tlog-tiles: hash tiles (public) and entry bundles (audit scope)",
-     tags=["log"], operation_class=ProblemOperation, responses={404: problem_spec("No such tile (yet)")})
+     tags=["log"], media_type=BINARY, operation_class=ProblemOperation, responses={404: problem_spec("No such tile (yet)")})
 async def tile(services: ServicesDependency, rest: str) -> Response[bytes]:
     level, index, width = _tile_path(rest)
     if level == "entries":
@@ -221,7 +224,7 @@ async def tile(services: ServicesDependency, rest: str) -> Response[bytes]:
 
 
 @get("/tile/entries/{rest:path}", summary="C2SP tlog-tiles entry bundle: the events' canonical bytes",
-     tags=["log"], opt={"scope": "audit"}, operation_class=ProblemOperation,
+     tags=["log"], opt={"scope": "audit"}, media_type=BINARY, operation_class=ProblemOperation,
      responses={404: problem_spec("No such bundle (yet)")})
 async def entries(services: ServicesDependency, rest: str) -> Response[bytes]:
     _, index, width = _tile_path("entries/" + rest.lstrip("/"))
