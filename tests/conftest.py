@@ -13,7 +13,8 @@ import pytest
 from harness.databases import Server, ThrowawayDatabase
 
 TESTS = Path(__file__).resolve().parent
-SCOPES = {"unit": "unit", "integration": "integration", "api": "api", "faults": "fault", "fuzz": "fuzz"}  # folder: marker
+SCOPES = {"unit": "unit", "integration": "integration", "api": "api", "faults": "fault", "fuzz": "fuzz",
+          "interop": "interop"}  # folder: marker
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
