@@ -16,6 +16,7 @@ from typing import Annotated
 import msgspec
 from litestar import Response, get
 from litestar.params import QueryParameter
+from litestar.types import ASGIApp, Receive, Scope, Send
 
 from domain.chain import from_microseconds
 from domain.merkle import HASH_SIZE, TILE_WIDTH, entry_bundle, parse_tile_path
@@ -209,7 +210,7 @@ async def tile(services: ServicesDependency, rest: str) -> Response[bytes]:
     level, index, width = _tile_path(rest)
     if level == "entries":
         raise Problem(404, "no_such_tile", "entry bundles are served at /tile/entries/…")
-    path = rest
+    path = "tile/" + rest.lstrip("/")
     if width is None and (cached := _full_tiles.get(path)) is not None:
         return _binary(cached, True)
     async with services.reading() as connection:
@@ -228,7 +229,7 @@ async def tile(services: ServicesDependency, rest: str) -> Response[bytes]:
      responses={404: problem_spec("No such bundle (yet)")})
 async def entries(services: ServicesDependency, rest: str) -> Response[bytes]:
     _, index, width = _tile_path("entries/" + rest.lstrip("/"))
-    key = "entries/" + rest
+    key = "tile/entries/" + rest.lstrip("/")
     if width is None and (cached := _full_tiles.get(key)) is not None:
         return _binary(cached, True)
     count = width or TILE_WIDTH
@@ -240,6 +241,36 @@ async def entries(services: ServicesDependency, rest: str) -> Response[bytes]:
     if width is None:
         _full_tiles.put(key, bundle)
     return _binary(bundle, width is None)
+
+
+class CachedTiles:
+    """Answers a GET of a full hash tile already in memory before the framework sees it: such a
+    tile is public and never changes, and at thousands of requests a second the routing,
+    dependency injection and response building cost more than the answer. Everything else
+    (entry bundles, which need a scope check, partial tiles, misses) goes to the app."""
+
+    ROUTE = "/tile/{rest:path}"
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    @property
+    def state(self) -> object:
+        return self.app.state  # type: ignore[attr-defined]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if (scope["type"] == "http" and scope["method"] == "GET" and path.startswith("/tile/")
+                and not path.startswith("/tile/entries/")
+                and (content := _full_tiles.get(path[1:])) is not None):
+            scope["path_template"] = self.ROUTE  # for the per-route metrics
+            await send({"type": "http.response.start", "status": 200, "headers": [
+                (b"content-type", BINARY.encode()), (b"cache-control", IMMUTABLE.encode()),
+                (b"content-length", str(len(content)).encode()),
+            ]})
+            await send({"type": "http.response.body", "body": content})
+            return
+        await self.app(scope, receive, send)
 
 
 TLOG_ROUTES = [latest_checkpoint, checkpoint_key, checkpoint_keys, checkpoint_history, inclusion_proof,
