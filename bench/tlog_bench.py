@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import asyncpg
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -90,8 +91,7 @@ async def integrator_catch_up(admin_dsn: str, events: int) -> None:
 
 def synthetic_tiles(leaves: int, seed: int = 11) -> tuple[dict[tuple[int, int], bytes], list[bytes], bytes]:
     """Every tile of a tree of random leaf hashes, its right edge and its root."""
-    rng = random.Random(seed)
-    level_hashes = rng.randbytes(leaves * HASH_SIZE)
+    level_hashes = np.random.default_rng(seed).bytes(leaves * HASH_SIZE)
     tiles: dict[tuple[int, int], bytes] = {}
     level = 0
     while level_hashes:
