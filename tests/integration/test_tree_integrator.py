@@ -105,7 +105,8 @@ async def test_every_checkpoint_is_consistent_with_the_one_before(app_pool, owne
         await worker.stop()
     leaves = await leaves_from_events(owner)
     checkpoints = await tree_store.all_checkpoints(owner)
-    assert [c.tree_size for c in checkpoints][-6:] == [80, 160, 240, 320, 400, 480]
+    # Each fill is waited for, so each head was signed (and maybe sizes between: batches of 50).
+    assert {80, 160, 240, 320, 400, 480} <= {c.tree_size for c in checkpoints}
     for older, newer in zip(checkpoints, checkpoints[1:]):
         assert newer.root_hash == merkle.root(leaves[: newer.tree_size])
         if older.tree_size:
