@@ -96,6 +96,13 @@ bench-model *ARGS: setup
 bench *ARGS: setup
     @command -v wrk >/dev/null 2>&1 || (echo "installing wrk from Debian" && apt-get update -qq && apt-get install -y -qq wrk >/dev/null)
     {{uv}} run --frozen --group bench python bench/run.py {{ARGS}}
+    {{run}} python bench/tlog_bench.py
+
+# the transparency log alone: integrator catch-up, proofs and tiles on a synthetic 10M-leaf tree (`--leaves N`)
+[group('bench')]
+bench-tlog *ARGS: setup
+    @command -v wrk >/dev/null 2>&1 || (echo "installing wrk from Debian" && apt-get update -qq && apt-get install -y -qq wrk >/dev/null)
+    {{run}} python bench/tlog_bench.py {{ARGS}}
 
 # delete an original upload for retention or erasure; the chain stays intact and records why
 [group('audit')]

@@ -90,3 +90,35 @@ async def lag_summary(sampler: LagSampler) -> dict[str, Any]:
         "max_ms": max(lags), "behind_p50": percentile(behind, 0.5), "behind_p99": percentile(behind, 0.99),
         "behind_max": max(behind, default=0),
     }
+
+
+_INTEGRATION_DELAY = """
+SELECT count(*) AS events,
+       percentile_cont(0.5) WITHIN GROUP (ORDER BY delay) AS p50,
+       percentile_cont(0.99) WITHIN GROUP (ORDER BY delay) AS p99,
+       max(delay) AS max,
+       count(*) FILTER (WHERE delay IS NULL) AS unsigned
+FROM (
+    SELECT extract(epoch FROM (SELECT c.signed_at FROM tlog_checkpoints AS c WHERE c.tree_size >= e.position
+                               ORDER BY c.tree_size LIMIT 1) - e.recorded_at)::float8 AS delay
+    FROM events AS e WHERE e.stream_id = ANY($1::uuid[])
+) AS d
+"""
+
+
+async def integration_delay(owner_dsn: str, prediction_ids: list[str]) -> dict[str, Any]:
+    """Commit to inside a signed checkpoint, per event of the predictions a run acknowledged: from
+    `recorded_at` (taken under the append lock) to the `signed_at` of the first checkpoint whose
+    tree holds the event, both on the database's clock. Measured after the run, from the tables."""
+    if not prediction_ids:
+        return {}
+    connection = await asyncpg.connect(owner_dsn)
+    try:
+        row = await connection.fetchrow(_INTEGRATION_DELAY, prediction_ids)
+        checkpoints = await connection.fetchval("SELECT count(*) FROM tlog_checkpoints")
+    finally:
+        await connection.close()
+    if not row["events"]:
+        return {}
+    return {"events": row["events"], "p50_ms": (row["p50"] or 0) * 1e3, "p99_ms": (row["p99"] or 0) * 1e3,
+            "max_ms": (row["max"] or 0) * 1e3, "unsigned": row["unsigned"], "checkpoints": checkpoints}

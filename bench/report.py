@@ -18,6 +18,8 @@ TARGETS = {  # what the service should reach; each ratio compares runs made side
     "p99_ms_at_16": 25.0,
     "p50_ms_at_1": 3.0,
     "lag_p99_ms": 250.0,
+    "integration_delay_p99_ms": 1500.0,
+    "integrator_cost": 0.05,  # c=top uploads with the tree integrator within 5% of without it
 }
 
 
@@ -44,7 +46,8 @@ def find(runs: list[Run], target: str, connections: int, mode: str = "multipart"
     return None
 
 
-def checks(runs: list[Run], lag: dict[str, Any], top: int) -> list[tuple[str, str, bool | None]]:
+def checks(runs: list[Run], lag: dict[str, Any], top: int, tlog: dict[str, Any] | None = None
+           ) -> list[tuple[str, str, bool | None]]:
     out: list[tuple[str, str, bool | None]] = []
     ours, ref, ceiling = find(runs, "ours", top), find(runs, "reference", top), find(runs, "ceiling", top)
     if ours and ref and ref.rps:
@@ -69,6 +72,13 @@ def checks(runs: list[Run], lag: dict[str, Any], top: int) -> list[tuple[str, st
     if lag.get("p99_ms") is not None:
         out.append((f"c={top}: projection lag p99 ≤ {TARGETS['lag_p99_ms']:g} ms", f"{lag['p99_ms']:.0f} ms",
                     lag["p99_ms"] <= TARGETS["lag_p99_ms"]))
+    if tlog and tlog.get("p99_ms") is not None:
+        out.append((f"c={top}: commit → inside a signed checkpoint p99 ≤ {TARGETS['integration_delay_p99_ms']:,.0f} ms",
+                    f"{tlog['p99_ms']:,.0f} ms", tlog["p99_ms"] <= TARGETS["integration_delay_p99_ms"]))
+    if ours and (without := find(runs, "no-tree", top)) is not None and without.rps:
+        cost = 1 - ours.rps / without.rps
+        out.append((f"c={top}: req/s with the tree integrator within {TARGETS['integrator_cost']:.0%} of without",
+                    f"{ours.rps:,.0f} vs {without.rps:,.0f} ({-cost:+.1%})", cost <= TARGETS["integrator_cost"]))
     out.append(no_errors(runs))
     return out
 
@@ -174,6 +184,21 @@ def report(result: dict[str, Any]) -> str:
             f"{lag['samples']:,} samples). Events behind (head − tracked position) in the samples: "
             f"p50 {lag['behind_p50']:.0f}, p99 {lag['behind_p99']:.0f}, max {lag['behind_max']:.0f}."
             + (f" {lag['unobserved']} events were not projected within 30 s of the end." if lag.get("unobserved") else ""))
+    else:
+        add("Not measured.")
+    add("")
+    tlog = result.get("tlog") or {}
+    add(f"### Transparency log during the c={top} run")
+    add("")
+    if tlog.get("events"):
+        add(f"Commit → inside a signed checkpoint, per event of the predictions acknowledged in that run "
+            f"({tlog['events']:,} events; `recorded_at` to the `signed_at` of the first checkpoint whose tree "
+            f"holds the event, both on the database's clock): p50 {tlog['p50_ms']:,.0f} ms, "
+            f"p99 {tlog['p99_ms']:,.0f} ms, max {tlog['max_ms']:,.0f} ms; {tlog['checkpoints']:,} checkpoints "
+            f"signed over the whole bench (`CHECKPOINT_INTERVAL_MS` 1000)"
+            + (f"; {tlog['unsigned']} events were in no checkpoint when measured." if tlog.get("unsigned") else ".")
+            + " The row `no-tree` is the same service with `TREE_INTEGRATOR=off` on its own database, "
+              "run right after `ours` in each round.")
     else:
         add("Not measured.")
     add("")

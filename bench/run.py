@@ -55,7 +55,7 @@ sys.path.insert(0, str(REPO))
 import asyncpg  # noqa: E402
 
 from bench.durability import durability, rebuild_speed  # noqa: E402
-from bench.lag import LagSampler, lag_summary  # noqa: E402
+from bench.lag import LagSampler, integration_delay, lag_summary  # noqa: E402
 from bench.machine import machine  # noqa: E402
 from bench.processes import Subprocess, Target, ensure_bench_group  # noqa: E402
 from bench.profiling import profile  # noqa: E402
@@ -93,7 +93,7 @@ async def main_async(args: argparse.Namespace) -> int:
 
     server = await asyncio.to_thread(Server)
     database_kind = "DATABASE_URL's server" if os.environ.get("DATABASE_URL") else "embedded, throwaway"
-    ours_db = None
+    ours_db = notree_db = None
     reference_name = f"audit_ref_{uuid.uuid4().hex[:10]}"
     services: list[Any] = []
     admin = await asyncpg.connect(server.admin_dsn)
@@ -101,12 +101,18 @@ async def main_async(args: argparse.Namespace) -> int:
     try:
         await server.make_template()
         ours_db = await server.create()
+        notree_db = await server.create()
         await admin.execute(f"CREATE DATABASE {quote_ident(reference_name)}")
         reference_dsn = with_database(server.admin_dsn, reference_name)
 
         print("starting the service, the reference and the HTTP ceiling...", flush=True)
         ours = LiveService(ours_db.owner_dsn, results / "service.log", LOG_LEVEL="WARNING")
         services.append(ours)
+        # The same service without the tree integrator, on its own database: what the
+        # transparency log costs the upload path, measured in the same rounds.
+        notree = LiveService(notree_db.owner_dsn, results / "service-no-tree.log", LOG_LEVEL="WARNING",
+                             TREE_INTEGRATOR="off")
+        services.append(notree)
         ensure_bench_group()
         reference = Subprocess("reference", [sys.executable, str(REPO / "bench" / "reference_app.py")],
                                results / "reference.log", {"REFERENCE_DATABASE_URL": reference_dsn})
@@ -114,20 +120,22 @@ async def main_async(args: argparse.Namespace) -> int:
         ceiling = Subprocess("ceiling", [sys.executable, str(REPO / "bench" / "http_ceiling_app.py")],
                              results / "ceiling.log")
         services.append(ceiling)
-        await asyncio.gather(asyncio.to_thread(ours.start, 180.0), asyncio.to_thread(reference.wait_ready),
-                             asyncio.to_thread(ceiling.wait_ready))
-        assert ours.process is not None
+        await asyncio.gather(asyncio.to_thread(ours.start, 180.0), asyncio.to_thread(notree.start, 180.0),
+                             asyncio.to_thread(reference.wait_ready), asyncio.to_thread(ceiling.wait_ready))
+        assert ours.process is not None and notree.process is not None
         targets = {
             "ours": Target("ours", ours.url, ours.process.pid, ours_db.name),
             "reference": Target("reference", reference.url, reference.process.pid, reference_name),
             "ceiling": Target("ceiling", ceiling.url, ceiling.process.pid, None),
+            "no-tree": Target("no-tree", notree.url, notree.process.pid, notree_db.name),
         }
         bench = Bench(args, results, admin)
         bench.server_pids = [target.pid for target in targets.values()]
         print(f"load: {args.warmup:g} s warm-up + {args.duration:g} s per row, wrk -t1 --timeout 30s", flush=True)
         for round_ in range(1, args.rounds + 1):
             print(f"round {round_} of {args.rounds}", flush=True)
-            plan = [(name, c, "multipart") for c in connections for name in ("ours", "reference", "ceiling")]
+            plan = [(name, c, "multipart") for c in connections
+                    for name in ("ours", *(("no-tree",) if c == top else ()), "reference", "ceiling")]
             plan += [("ours", top, "raw"), ("ceiling", top, "raw")]
             for name, c, mode in plan:
                 sampler = LagSampler(ours_db.owner_dsn) if (name, c, mode) == ("ours", top, "multipart") else None
@@ -141,6 +149,7 @@ async def main_async(args: argparse.Namespace) -> int:
         chosen = best_runs(bench.runs)
         top_run = find(chosen, "ours", top)
         lag_result = top_run.lag if top_run else {}
+        tlog_result = await integration_delay(ours_db.owner_dsn, top_run.prediction_ids if top_run else [])
 
         profile_result = profiled_run = None
         if args.profile:
@@ -161,10 +170,10 @@ async def main_async(args: argparse.Namespace) -> int:
             "machine": info, "database": database_kind, "connections": connections, "warmup": args.warmup,
             "duration": args.duration, "rounds": args.rounds, "model": model,
             "workers": os.environ.get("WORKERS", "1"), "runs": bench.runs, "lag": lag_result,
-            "rebuild": rebuild, "durability": durable, "profile": profile_result,
+            "rebuild": rebuild, "durability": durable, "profile": profile_result, "tlog": tlog_result,
         }
         result["runs"], result["all_runs"] = chosen, bench.runs
-        result["checks"] = checks(chosen, lag_result, top)
+        result["checks"] = checks(chosen, lag_result, top, tlog_result)
         result["checks"][-1] = no_errors(bench.runs)
         section = report(result)
         print()
@@ -187,8 +196,9 @@ async def main_async(args: argparse.Namespace) -> int:
                 print(f"could not stop a server: {error}", file=sys.stderr)
         try:
             await admin.execute(f"DROP DATABASE IF EXISTS {quote_ident(reference_name)} WITH (FORCE)")
-            if ours_db is not None:
-                await server.drop(ours_db.name)
+            for database in (ours_db, notree_db):
+                if database is not None:
+                    await server.drop(database.name)
         finally:
             await admin.close()
             await server.close()

@@ -19,7 +19,7 @@ from typing import Any
 import asyncpg
 import msgspec
 
-from domain.chain import GENESIS_HASH, ChainedRecord, to_microseconds
+from domain.chain import GENESIS_HASH, MAX_PAYLOAD_BYTES, ChainedRecord, to_microseconds
 from domain.events import (
     SCHEMA_VERSIONS,
     Event,
@@ -127,6 +127,10 @@ class AppendRejected(AppendError):
     """PostgreSQL refused this request's rows (e.g. a value it cannot store)."""
 
 
+class EventTooLarge(AppendRejected):
+    """An event whose canonical bytes would not fit a transparency-log entry (65,535 bytes)."""
+
+
 class NotApplied(AppendError):
     """An all-or-nothing group was rolled back because another of its requests was refused."""
 
@@ -229,9 +233,18 @@ class EventStore:
                 continue
             try:
                 events = [(event_type(e), SCHEMA_VERSIONS[event_type(e)], encode_event(e)) for e in request.events]
-                sent.append((index, events, encode_metadata(request.metadata)))
+                encoded_metadata = encode_metadata(request.metadata)
             except (TypeError, ValueError, KeyError, msgspec.EncodeError) as error:
                 outcomes[index] = AppendRejected(f"the events cannot be encoded: {error}")
+                continue
+            metadata_bytes = len(encoded_metadata.encode())
+            largest = max(len(data.encode()) for _, _, data in events) + metadata_bytes
+            if largest > MAX_PAYLOAD_BYTES:
+                outcomes[index] = EventTooLarge(
+                    f"an event's data and metadata take {largest:,} bytes; at most {MAX_PAYLOAD_BYTES:,} fit a log entry"
+                )
+                continue
+            sent.append((index, events, encoded_metadata))
         if not sent or (all_or_nothing and len(sent) < len(requests)):
             return [outcome or NotApplied("the group was not appended") for outcome in outcomes]
 

@@ -22,6 +22,12 @@ from datetime import datetime, timedelta, timezone
 import msgspec
 
 GENESIS_HASH = bytes(32)
+# A transparency-log entry bundle gives each leaf a 2-byte length, so no event's canonical bytes may
+# exceed 65,535. The header (position, stream id, versions, type, time, lengths) is at most 256
+# bytes, which leaves this much for `data` and `metadata` together (the events table checks it too).
+MAX_CANONICAL_BYTES = 0xFFFF
+MAX_HEADER_BYTES = 256
+MAX_PAYLOAD_BYTES = MAX_CANONICAL_BYTES - MAX_HEADER_BYTES
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _MICROSECOND = timedelta(microseconds=1)
 

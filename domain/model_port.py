@@ -17,6 +17,9 @@ import numpy as np
 
 OutputKind = Literal["vector", "scalar"]
 SCALAR_THRESHOLD = 0.5
+# Every class's probability is recorded in PredictionMade, which must stay well inside an event's
+# size bound (domain.chain.MAX_PAYLOAD_BYTES): 1,000 floats are at most ~25 KB of JSON.
+MAX_CLASSES = 1000
 
 
 class ModelInfo(msgspec.Struct, frozen=True):

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from domain.model_port import ModelInfo
+from domain.model_port import MAX_CLASSES, ModelInfo
 
 logger = logging.getLogger(__name__)
 
@@ -132,6 +132,8 @@ def load_model(path: str | os.PathLike[str], *, max_batch: int = 64, threads: in
     output_width = int(np.prod(probe.shape[1:])) if probe.ndim > 1 else 1
     if probe.ndim > 2 or output_width < 1:
         raise ValueError(f"{path}: output must be (N, K) or (N,), got {tuple(probe.shape)}")
+    if output_width > MAX_CLASSES:
+        raise ValueError(f"{path}: {output_width} outputs; at most {MAX_CLASSES} classes are served (each is recorded)")
     output_kind = "vector" if output_width > 1 else "scalar"
 
     info = ModelInfo(

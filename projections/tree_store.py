@@ -8,6 +8,7 @@ proof reads, one query fetches the tiles that hold them, and the proof is comput
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -217,3 +218,47 @@ async def open_refusal(conn: Queryable) -> Refusal | None:
         """
     )
     return None if row is None else Refusal(*row)
+
+
+class SignedSizeWatch:
+    """The latest signed tree size, for requests that wait for a checkpoint (`Prefer:
+    wait=checkpoint`): one poller per process while anyone waits, instead of a query loop (and a
+    held connection) per request."""
+
+    def __init__(self, pool: asyncpg.Pool, *, interval_s: float = 0.02, acquire_timeout_s: float = 5.0) -> None:
+        self._pool = pool
+        self._interval_s = interval_s
+        self._acquire_timeout_s = acquire_timeout_s
+        self._size = -1
+        self._changed = asyncio.Condition()
+        self._waiting = 0
+        self._poller: asyncio.Task[None] | None = None
+
+    async def wait_for(self, size: int, timeout_s: float) -> bool:
+        """True once a checkpoint of at least `size` leaves is signed; false after the timeout."""
+        if self._size >= size:
+            return True
+        self._waiting += 1
+        if self._poller is None or self._poller.done():
+            self._poller = asyncio.create_task(self._poll(), name="signed-size-watch")
+        try:
+            async with asyncio.timeout(timeout_s), self._changed:
+                await self._changed.wait_for(lambda: self._size >= size)
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            self._waiting -= 1
+
+    async def _poll(self) -> None:
+        while self._waiting:
+            try:
+                async with self._pool.acquire(timeout=self._acquire_timeout_s) as connection:
+                    size = await connection.fetchval("SELECT coalesce(max(tree_size), -1) FROM tlog_checkpoints")
+            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                size = self._size  # the waiters time out on their own; keep trying meanwhile
+            if size != self._size:
+                self._size = size
+                async with self._changed:
+                    self._changed.notify_all()
+            await asyncio.sleep(self._interval_s)

@@ -22,7 +22,7 @@ from service.metrics import Metrics
 from service.observability import Observed
 from service.problems import EXCEPTION_HANDLERS
 from service.quality_routes import QUALITY_ROUTES
-from service.tlog_routes import TLOG_ROUTES
+from service.tlog_routes import TLOG_ROUTES, CachedTiles
 from service.routes import ROUTES
 from service.security import scope_guard
 from service.uploads import MAX_PARTS
@@ -115,7 +115,7 @@ def create_app(settings: Settings, app_dsn: str, *, run_projections: bool = True
             description="Predictions on uploaded images, with an immutable, verifiable event log.",
         ),
     )
-    return Observed(app, metrics)
+    return Observed(CachedTiles(app), metrics)
 
 
 def create_app_from_env() -> Observed:

@@ -115,6 +115,7 @@ class Services:
     log: LogIdentity
     decoder: ThreadPoolExecutor
     background: list[asyncio.Task[None]]
+    signed: tree_store.SignedSizeWatch  # for requests that wait for their checkpoint
 
     @classmethod
     async def start(cls, settings: Settings, app_dsn: str, metrics: Metrics, *, run_projections: bool) -> "Services":
@@ -134,6 +135,7 @@ class Services:
             settings=s, metrics=metrics, pool=pool, read_pool=read_pool, reads=reads, store=store, committer=committer,
             model=ModelSlot(), projection=projection, labels=LabelService(store, committer), log=LogIdentity(store),
             decoder=ThreadPoolExecutor(max_workers=2, thread_name_prefix="decode"), background=[],
+            signed=tree_store.SignedSizeWatch(read_pool, acquire_timeout_s=s.connect_timeout_s),
         )
         services.background.append(asyncio.create_task(services._bring_up_model(), name="model-warm-up"))
         return services

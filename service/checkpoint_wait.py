@@ -4,9 +4,7 @@ past it the answer comes without them and without `Preference-Applied`)."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import time
 
 import msgspec
 from litestar import Request
@@ -34,15 +32,12 @@ async def checkpointed(services: ServicesDependency, the_receipt: Receipt) -> Re
     """The receipt with the first signed checkpoint that includes its events and their inclusion
     proofs against it; None when none is signed within CHECKPOINT_WAIT_TIMEOUT_S."""
     last = max(event.position for event in the_receipt.events)
-    deadline = time.monotonic() + services.settings.checkpoint_wait_timeout_s
-    delay = 0.01
+    if not await services.signed.wait_for(last, services.settings.checkpoint_wait_timeout_s):
+        return None
     async with services.reading() as connection:
-        while (covering := await tree_store.checkpoint_covering(connection, last)) is None:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return None
-            await asyncio.sleep(min(delay, remaining))
-            delay = min(delay * 2, 0.1)
+        covering = await tree_store.checkpoint_covering(connection, last)
+        if covering is None:  # not on this connection yet (a replica catching up): answer without it
+            return None
         events = []
         for event in the_receipt.events:
             proof = await tree_store.inclusion(connection, event.leaf_index, covering.tree_size)

@@ -16,6 +16,7 @@ from typing import Annotated
 import msgspec
 from litestar import Response, get
 from litestar.params import QueryParameter
+from litestar.types import ASGIApp, Receive, Scope, Send
 
 from domain.chain import from_microseconds
 from domain.merkle import HASH_SIZE, TILE_WIDTH, entry_bundle, parse_tile_path
@@ -27,7 +28,8 @@ from service.problems import Problem
 from service.routes import MAX_BIGINT
 
 IMMUTABLE = "public, max-age=31536000, immutable"
-NOTE_TYPE = "text/plain; charset=utf-8"
+NOTE_TYPE = "text/plain"  # Litestar adds "; charset=utf-8"
+BINARY = "application/octet-stream"
 
 
 class InclusionProof(msgspec.Struct, frozen=True):
@@ -57,11 +59,12 @@ class CheckpointEntry(msgspec.Struct, frozen=True):
 
 
 class _FullTiles:
-    """Full tiles never change: kept in memory once read (a bounded LRU), so serving one is a
-    dictionary lookup instead of a query."""
+    """Full tiles and bundles never change: kept in memory once read (an LRU bounded in bytes), so
+    serving a hot one is a dictionary lookup instead of a query."""
 
-    def __init__(self, capacity: int) -> None:
-        self._capacity = capacity
+    def __init__(self, max_bytes: int) -> None:
+        self._max_bytes = max_bytes
+        self._bytes = 0
         self._items: OrderedDict[str, bytes] = OrderedDict()
 
     def get(self, path: str) -> bytes | None:
@@ -71,12 +74,16 @@ class _FullTiles:
         return found
 
     def put(self, path: str, content: bytes) -> None:
+        if path in self._items or len(content) > self._max_bytes // 16:
+            return
         self._items[path] = content
-        if len(self._items) > self._capacity:
-            self._items.popitem(last=False)
+        self._bytes += len(content)
+        while self._bytes > self._max_bytes:
+            _, evicted = self._items.popitem(last=False)
+            self._bytes -= len(evicted)
 
 
-_full_tiles = _FullTiles(4096)  # at most 4096 × 8 KiB of hash tiles, or bundles of 256 events
+_full_tiles = _FullTiles(64 * 1024 * 1024)
 
 
 async def _latest(connection) -> tree_store.StoredCheckpoint:
@@ -87,7 +94,7 @@ async def _latest(connection) -> tree_store.StoredCheckpoint:
 
 
 @get("/checkpoint", summary="The latest signed checkpoint (C2SP tlog-checkpoint signed note)", tags=["log"],
-     operation_class=ProblemOperation, responses={404: problem_spec("No checkpoint signed yet")})
+     media_type=NOTE_TYPE, operation_class=ProblemOperation, responses={404: problem_spec("No checkpoint signed yet")})
 async def latest_checkpoint(services: ServicesDependency) -> Response[str]:
     async with services.reading() as connection:
         latest = await _latest(connection)
@@ -95,7 +102,7 @@ async def latest_checkpoint(services: ServicesDependency) -> Response[str]:
 
 
 @get("/checkpoint/key", summary="The verifier key of the current signing key (signed-note form)", tags=["log"],
-     operation_class=ProblemOperation, responses={404: problem_spec("No key has signed yet")})
+     media_type=NOTE_TYPE, operation_class=ProblemOperation, responses={404: problem_spec("No key has signed yet")})
 async def checkpoint_key(services: ServicesDependency) -> Response[str]:
     async with services.reading() as connection:
         keys = await tree_store.published_keys(connection)
@@ -104,14 +111,16 @@ async def checkpoint_key(services: ServicesDependency) -> Response[str]:
     return Response(keys[0] + "\n", media_type=NOTE_TYPE, headers={"Cache-Control": "no-cache"})
 
 
-@get("/checkpoint/keys", summary="Every verifier key that ever signed a checkpoint here, newest first", tags=["log"])
+@get("/checkpoint/keys", summary="Every verifier key that ever signed a checkpoint here, newest first", tags=["log"],
+     media_type=NOTE_TYPE, operation_class=ProblemOperation)
 async def checkpoint_keys(services: ServicesDependency) -> Response[str]:
     async with services.reading() as connection:
         keys = await tree_store.published_keys(connection)
     return Response("".join(key + "\n" for key in keys), media_type=NOTE_TYPE, headers={"Cache-Control": "no-cache"})
 
 
-@get("/checkpoints", summary="Signed checkpoints, newest first", tags=["log"])
+@get("/checkpoints", summary="Signed checkpoints, newest first", tags=["log"], operation_class=ProblemOperation,
+     responses={400: problem_spec("A malformed limit or tree size")})
 async def checkpoint_history(
     services: ServicesDependency,
     limit: Annotated[int, QueryParameter(ge=1, le=1000, description="At most this many")] = 50,
@@ -191,17 +200,17 @@ def _tile_path(rest: str) -> tuple[int | str, int, int | None]:
 
 
 def _binary(content: bytes, full: bool) -> Response[bytes]:
-    return Response(content, media_type="application/octet-stream",
+    return Response(content, media_type=BINARY,
                     headers={"Cache-Control": IMMUTABLE if full else "no-cache"})
 
 
 @get("/tile/{rest:path}", summary="C2SP tlog-tiles: hash tiles (public) and entry bundles (audit scope)",
-     tags=["log"], operation_class=ProblemOperation, responses={404: problem_spec("No such tile (yet)")})
+     tags=["log"], media_type=BINARY, operation_class=ProblemOperation, responses={404: problem_spec("No such tile (yet)")})
 async def tile(services: ServicesDependency, rest: str) -> Response[bytes]:
     level, index, width = _tile_path(rest)
     if level == "entries":
         raise Problem(404, "no_such_tile", "entry bundles are served at /tile/entries/…")
-    path = rest
+    path = "tile/" + rest.lstrip("/")
     if width is None and (cached := _full_tiles.get(path)) is not None:
         return _binary(cached, True)
     async with services.reading() as connection:
@@ -216,11 +225,11 @@ async def tile(services: ServicesDependency, rest: str) -> Response[bytes]:
 
 
 @get("/tile/entries/{rest:path}", summary="C2SP tlog-tiles entry bundle: the events' canonical bytes",
-     tags=["log"], opt={"scope": "audit"}, operation_class=ProblemOperation,
+     tags=["log"], opt={"scope": "audit"}, media_type=BINARY, operation_class=ProblemOperation,
      responses={404: problem_spec("No such bundle (yet)")})
 async def entries(services: ServicesDependency, rest: str) -> Response[bytes]:
     _, index, width = _tile_path("entries/" + rest.lstrip("/"))
-    key = "entries/" + rest
+    key = "tile/entries/" + rest.lstrip("/")
     if width is None and (cached := _full_tiles.get(key)) is not None:
         return _binary(cached, True)
     count = width or TILE_WIDTH
@@ -232,6 +241,36 @@ async def entries(services: ServicesDependency, rest: str) -> Response[bytes]:
     if width is None:
         _full_tiles.put(key, bundle)
     return _binary(bundle, width is None)
+
+
+class CachedTiles:
+    """Answers a GET of a full hash tile already in memory before the framework sees it: such a
+    tile is public and never changes, and at thousands of requests a second the routing,
+    dependency injection and response building cost more than the answer. Everything else
+    (entry bundles, which need a scope check, partial tiles, misses) goes to the app."""
+
+    ROUTE = "/tile/{rest:path}"
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    @property
+    def state(self) -> object:
+        return self.app.state  # type: ignore[attr-defined]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if (scope["type"] == "http" and scope["method"] == "GET" and path.startswith("/tile/")
+                and not path.startswith("/tile/entries/")
+                and (content := _full_tiles.get(path[1:])) is not None):
+            scope["path_template"] = self.ROUTE  # for the per-route metrics
+            await send({"type": "http.response.start", "status": 200, "headers": [
+                (b"content-type", BINARY.encode()), (b"cache-control", IMMUTABLE.encode()),
+                (b"content-length", str(len(content)).encode()),
+            ]})
+            await send({"type": "http.response.body", "body": content})
+            return
+        await self.app(scope, receive, send)
 
 
 TLOG_ROUTES = [latest_checkpoint, checkpoint_key, checkpoint_keys, checkpoint_history, inclusion_proof,

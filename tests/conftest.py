@@ -13,7 +13,8 @@ import pytest
 from harness.databases import Server, ThrowawayDatabase
 
 TESTS = Path(__file__).resolve().parent
-SCOPES = {"unit": "unit", "integration": "integration", "api": "api", "faults": "fault", "fuzz": "fuzz", "cluster": "cluster"}  # folder: marker
+SCOPES = {"unit": "unit", "integration": "integration", "api": "api", "faults": "fault", "fuzz": "fuzz",
+          "interop": "interop", "cluster": "cluster"}  # folder: marker
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
@@ -32,7 +33,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="session", autouse=True)
 def private_checkpoints(tmp_path_factory):
-    """Chain-head checkpoints and their signing key go to a temporary folder, never `.data/`
+    """Signed checkpoints and their signing key go to a temporary folder, never `.data/`
     (service processes the tests start inherit this environment)."""
     folder = tmp_path_factory.mktemp("checkpoints")
     saved = {name: os.environ.get(name) for name in ("CHECKPOINT_DIR", "CHECKPOINT_KEY")}

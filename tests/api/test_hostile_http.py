@@ -98,8 +98,8 @@ def read_answer(connection: socket.socket, timeout_s: float) -> bytes:
 
 def test_headers_that_trickle_in_get_408_problem_and_the_connection_closes(service):
     request = b"GET /health/live HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 200
+    started = time.monotonic()  # before connecting: the server's deadline starts when it accepts
     with socket.create_connection(("127.0.0.1", service.port)) as connection:
-        started = time.monotonic()
         connection.settimeout(0.2)
         answer = b""
         for byte in request:  # one byte every 50 ms: 10 s for the whole request

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 
+import httpx
 import msgspec
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -197,3 +198,28 @@ def test_verify_receipt_checks_signature_inclusion_and_consistency(service, clie
     older.write_text(body[:-1] + ("0" if body[-1] != "0" else "1") + "\n\n" + signatures)
     done = run_verify_receipt(service, str(saved), "--key", key, "--checkpoint", str(older))
     assert done.returncode == 1 and "--checkpoint" in done.stdout, done.stdout
+
+
+def test_with_api_keys_hashes_are_public_and_entry_bundles_need_the_audit_scope(start_service):
+    keyed = start_service(CHECKPOINT_INTERVAL_MS="100", API_KEYS="up@up-key:predict;aud@aud-key:audit,read")
+    with httpx.Client(base_url=keyed.url, timeout=30) as http:
+        path, _ = digit_files()[0]
+        for i in range(130):
+            answer = http.post("/prediction/", files={"file": (path.name, path.read_bytes(), "image/png")},
+                               headers={"Authorization": "Bearer up-key", **(WAIT if i == 129 else {})})
+            assert answer.status_code == 201
+        for public in ("/checkpoint", "/checkpoint/key", "/checkpoints", "/tile/0/000", "/events/1/inclusion",
+                       "/log/consistency?first=1"):
+            assert http.get(public).status_code == 200, public
+        auditor = {"Authorization": "Bearer aud-key"}
+        bundle = http.get("/tile/entries/000", headers=auditor)
+        assert bundle.status_code == 200 and len(merkle.parse_entry_bundle(bundle.content)) == 256
+        # Held in memory now, and still not served without the scope (nor with another one).
+        assert http.get("/tile/entries/000").status_code == 401
+        assert http.get("/tile/entries/000", headers={"Authorization": "Bearer up-key"}).status_code == 403
+        tile = http.get("/tile/0/000")  # a cached full tile, answered before the framework
+        assert tile.headers["cache-control"] == "public, max-age=31536000, immutable"
+        assert tile.headers["content-type"] == "application/octet-stream" and len(tile.content) == 256 * 32
+        assert tile.content == b"".join(merkle.leaf_hash(e) for e in merkle.parse_entry_bundle(bundle.content))
+        metrics = http.get("/metrics", headers=auditor).text
+        assert 'route="/tile/{rest:path}"' in metrics

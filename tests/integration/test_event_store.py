@@ -12,6 +12,7 @@ import msgspec
 import pytest
 
 from db.store import (
+    EventTooLarge,
     APPEND_LOCK_KEY,
     NOTIFY_CHANNEL,
     AppendRejected,
@@ -21,7 +22,7 @@ from db.store import (
     Replayed,
     VersionConflict,
 )
-from domain.chain import GENESIS_HASH, ChainedRecord, find_break, link, to_microseconds
+from domain.chain import GENESIS_HASH, MAX_PAYLOAD_BYTES, ChainedRecord, find_break, link, to_microseconds
 from domain.events import PredictionMade, PredictionRequested
 from tests.factories import prediction_request
 
@@ -389,3 +390,26 @@ async def test_recorded_at_never_goes_back_even_when_the_clock_does(app_pool, ow
     assert [event.recorded_at for event in second.events] == [ahead, ahead]
     assert (await verify(store))[0] is None
 
+
+
+async def test_an_event_too_large_for_a_log_entry_is_refused_alone(app_pool, owner):
+    """A transparency-log entry bundle gives each leaf a 2-byte length: the store refuses an event
+    whose canonical bytes could exceed 65,535, and only that request of the group."""
+    # The factory puts the label in the filename (data) and the request id (metadata).
+    fits = prediction_request(label="x" * ((MAX_PAYLOAD_BYTES - 2_000) // 2))
+    too_large = prediction_request(label="x" * (MAX_PAYLOAD_BYTES // 2 + 100))
+    outcomes = await EventStore(app_pool).append([fits, too_large, prediction_request()])
+    assert isinstance(outcomes[0], Committed) and isinstance(outcomes[2], Committed)
+    assert isinstance(outcomes[1], EventTooLarge) and "65,279" in str(outcomes[1])
+    longest = await owner.fetchval("SELECT max(octet_length(data::text) + octet_length(metadata::text)) FROM events")
+    assert MAX_PAYLOAD_BYTES - 2_000 < longest <= MAX_PAYLOAD_BYTES
+
+
+async def test_the_events_table_itself_refuses_an_event_too_large_for_a_log_entry(owner):
+    """Even a superuser's insert around the append function (the triggers do not stop INSERT)."""
+    with pytest.raises(asyncpg.CheckViolationError, match="events_fit_a_log_entry"):
+        await owner.execute(
+            "INSERT INTO events (position, stream_id, stream_version, event_type, schema_version, data, metadata,"
+            " recorded_at, hash) VALUES (1, gen_random_uuid(), 1, 'Big', 1, $1::json, '{}', now(), $2)",
+            '"' + "x" * 65_300 + '"', bytes(32),
+        )

@@ -100,13 +100,13 @@ async def test_every_checkpoint_is_consistent_with_the_one_before(app_pool, owne
     try:
         for _ in range(6):
             await fill(app_pool, 40)
-            await asyncio.sleep(0.08)
-        await eventually(lambda: _signed_at_least(owner, 480), timeout_s=30)
+            await eventually(lambda: _all_signed(owner), timeout_s=30)
     finally:
         await worker.stop()
     leaves = await leaves_from_events(owner)
     checkpoints = await tree_store.all_checkpoints(owner)
-    assert checkpoints[0].tree_size == 0 and len(checkpoints) >= 3
+    # Each fill is waited for, so each head was signed (and maybe sizes between: batches of 50).
+    assert {80, 160, 240, 320, 400, 480} <= {c.tree_size for c in checkpoints}
     for older, newer in zip(checkpoints, checkpoints[1:]):
         assert newer.root_hash == merkle.root(leaves[: newer.tree_size])
         if older.tree_size:
@@ -223,3 +223,31 @@ async def test_a_rotated_key_cosigns_the_next_checkpoint_and_both_stay_published
     with pytest.raises(NoteError, match="no trusted key"):
         open_checkpoint(by_size[10].note, [old])
     assert set(await tree_store.published_keys(owner)) == {old, new}
+
+
+async def test_a_rewritten_event_fails_its_inclusion_proof_against_every_checkpoint(app_pool, owner, database, tmp_path):
+    worker = integrator(database, tmp_path)
+    await worker.start()
+    try:
+        for _ in range(3):
+            await fill(app_pool, 5)
+            await eventually(lambda: _all_signed(owner), timeout_s=30)
+    finally:
+        await worker.stop()
+    async with owner.transaction():
+        await owner.execute("SET LOCAL session_replication_role = replica")
+        await owner.execute("UPDATE events SET data = ('{\"tampered\":true,' || substr(data::text, 2))::json"
+                            " WHERE position = 5")
+    (row,) = await tree_store.leaf_rows(owner, 4, 1)
+    current_leaf = merkle.leaf_hash(tree_store.entry_of(row))
+    checkpoints = [c for c in await tree_store.all_checkpoints(owner) if c.tree_size >= 5]
+    assert len(checkpoints) >= 3
+    for checkpoint in checkpoints:
+        proof = await tree_store.inclusion(owner, 4, checkpoint.tree_size)
+        merkle.verify_inclusion(4, checkpoint.tree_size, proof.leaf_hash, proof.proof, checkpoint.root_hash)
+        with pytest.raises(merkle.ProofError):
+            merkle.verify_inclusion(4, checkpoint.tree_size, current_leaf, proof.proof, checkpoint.root_hash)
+
+
+async def _all_signed(owner) -> bool:
+    return await signed_size(owner) == await owner.fetchval("SELECT max(position) FROM events")

@@ -12,7 +12,7 @@ import msgspec
 import numpy as np
 import pytest
 
-from domain.model_port import Model, ModelInfo, is_finite, likely_class
+from domain.model_port import MAX_CLASSES, Model, ModelInfo, is_finite, likely_class
 from domain.preprocessing import PreprocessSpec, preprocess
 from inference.keras_model import KerasModel, load_model
 from tests.fixtures import DIGITS, MODELS
@@ -170,3 +170,13 @@ def test_a_model_card_for_another_artifact_is_not_trusted(tmp_path):
     assert info.version == info.sha256[:12]
     copy.with_suffix(".json").write_text(json.dumps({"version": "7.1"}))
     assert load_model(copy, max_batch=1).info.version == "7.1"
+
+
+def test_a_model_with_more_classes_than_an_event_can_record_is_refused(tmp_path):
+    import keras
+
+    wide = keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Flatten(), keras.layers.Dense(MAX_CLASSES + 1)])
+    path = tmp_path / "wide.keras"
+    wide.save(path)
+    with pytest.raises(ValueError, match=f"at most {MAX_CLASSES} classes"):
+        load_model(path, max_batch=1)
