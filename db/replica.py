@@ -99,13 +99,18 @@ class ReadRouter:
             self._avoid(f"unreachable: {type(error).__name__}: {error}")
             return None
         try:
-            if await self._wait_for_replay(connection, target):
-                self.avoided_because = None
-                return connection
-            self._avoid(f"more than {self._max_wait_s:g} s behind the primary")
-        except CONNECTION_ERRORS as error:
+            fresh = await self._wait_for_replay(connection, target)
+        except BaseException as error:  # a cancelled request must give the connection back too
+            await self._replica.release(connection)
+            if not isinstance(error, CONNECTION_ERRORS):
+                raise
             self._avoid(f"unreachable: {type(error).__name__}: {error}")
+            return None
+        if fresh:
+            self.avoided_because = None
+            return connection
         await self._replica.release(connection)
+        self._avoid(f"more than {self._max_wait_s:g} s behind the primary")
         return None
 
     async def _wait_for_replay(self, connection: asyncpg.Connection, target: int) -> bool:
