@@ -254,7 +254,10 @@ class Services:
 
     async def refresh_replica(self) -> dict[str, Any] | None:
         """The replica's reachability and lag (None without DATABASE_READ_URL)."""
-        status = await self.reads.status()
+        try:
+            status = await self.reads.status()
+        except CONNECTION_ERRORS as error:  # the primary: /metrics and readiness say unavailable
+            raise DatabaseUnavailable(f"database unavailable: {error}") from error
         if status is not None:
             self.metrics.replica_lag_bytes.set(status["lag_bytes"] if status["reachable"] else float("nan"))
         return status

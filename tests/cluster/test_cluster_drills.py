@@ -126,6 +126,8 @@ def test_a_stopped_standby_sends_reads_to_the_primary_and_loses_nothing(cluster)
                 report = ready(node.url)
                 assert report["status"] == "ready", report
                 assert report["replica"]["reachable"] is False
+                scrape = httpx.get(f"{node.url}/metrics", timeout=10)
+                assert scrape.status_code == 200 and "replica_lag_bytes NaN" in scrape.text
                 listed = httpx.get(f"{node.url}/predictions/", params={"limit": 20}, timeout=30).json()["items"]
                 assert set(acknowledged) <= {item["prediction_id"] for item in listed}
         finally:
