@@ -62,10 +62,6 @@ class ReadRouter:
         self._pending: asyncio.Future[int] | None = None  # the next position query, not sent yet
         self._fetches: set[asyncio.Task[None]] = set()
 
-    @property
-    def has_replica(self) -> bool:
-        return self._replica is not None
-
     @asynccontextmanager
     async def connection(self) -> AsyncIterator[asyncpg.Connection]:
         """A connection on which every commit acknowledged before this call is visible.
