@@ -16,6 +16,8 @@ from domain.events import (
     Event,
     GroundTruthRecorded,
     GroundTruthWithdrawn,
+    LabelBatchItem,
+    LabelBatchRecorded,
     PredictionFailed,
     PredictionMade,
     PredictionRequested,
@@ -130,6 +132,16 @@ def _text(code: RejectionCode, name: str, value: object, limit: int) -> str:
 
 
 MAX_BULK_ITEMS = 10_000
+# A bulk request's outcome is recorded as LabelBatchRecorded events of at most this many items
+# each (≈ 300 bytes an item at worst), so every event stays far below the 65,535 canonical bytes a
+# transparency-log entry holds; a 10,000-item request is 100 events in the request's own stream.
+BATCH_EVENT_ITEMS = 100
+
+
+def batch_events(items: list[LabelBatchItem], actor: str | None) -> list[LabelBatchRecorded]:
+    """The request's LabelBatchRecorded events, in item order (one, empty, for no items)."""
+    chunks = [items[i : i + BATCH_EVENT_ITEMS] for i in range(0, len(items), BATCH_EVENT_ITEMS)] or [[]]
+    return [LabelBatchRecorded(items=chunk, actor=actor) for chunk in chunks]
 
 
 class LabelItem(msgspec.Struct, frozen=True, kw_only=True):

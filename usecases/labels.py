@@ -25,6 +25,7 @@ from db.store import (
 from domain.events import Event, LabelBatchItem, LabelBatchRecorded, ModelRegistered
 from domain.labels import (
     MAX_BULK_ITEMS,
+    batch_events,
     LabelEntry,
     LabelTarget,
     label_history,
@@ -57,7 +58,7 @@ class BulkOutcome(msgspec.Struct, frozen=True):
 
     items: list[LabelBatchItem]
     events: dict[int, StoredEvent]  # item index -> its GroundTruthRecorded
-    batch: StoredEvent  # the LabelBatchRecorded
+    batch: StoredEvent  # the first of the request's LabelBatchRecorded events (their stream holds them all)
     head_position: int
     head_hash: bytes
     replayed: bool = False
@@ -109,9 +110,8 @@ class LabelService:
                 return await self._replay_batch(found[1])
         for _ in range(MAX_ATTEMPTS):
             items, by_stream, targets = await self._plan(raw_items, default_source, actor)
-            batch = LabelBatchRecorded(items=items, actor=actor)
             requests = [AppendRequest(
-                stream_id=uuid.uuid4(), expected_version=0, events=[batch], metadata=metadata,
+                stream_id=uuid.uuid4(), expected_version=0, events=list(batch_events(items, actor)), metadata=metadata,
                 idempotency_key=idempotency_key, request_sha256=fingerprint,
             )]
             requests += [
@@ -173,17 +173,18 @@ class LabelService:
                            head_position=outcomes[0].head_position, head_hash=outcomes[0].head_hash)
 
     async def _replay_batch(self, batch_stream: uuid.UUID) -> BulkOutcome:
-        (stored,) = await self._store.read_stream(batch_stream)
-        batch = stored.decode()
-        if not isinstance(batch, LabelBatchRecorded):
+        stored = await self._store.read_stream(batch_stream)
+        batches = [event.decode() for event in stored]
+        if not batches or not all(isinstance(batch, LabelBatchRecorded) for batch in batches):
             raise IdempotencyKeyReused("the Idempotency-Key was used for another kind of request")
-        places = [(uuid.UUID(i.prediction_id), i.stream_version) for i in batch.items
+        items = [item for batch in batches for item in batch.items]
+        places = [(uuid.UUID(i.prediction_id), i.stream_version) for i in items
                   if i.stream_version is not None and i.prediction_id is not None]
         found = await self._store.find_events(places)
-        events = {i.index: found[(uuid.UUID(i.prediction_id), i.stream_version)] for i in batch.items
+        events = {i.index: found[(uuid.UUID(i.prediction_id), i.stream_version)] for i in items
                   if i.stream_version is not None and i.prediction_id is not None}
         head_position, head_hash = await self._store.head()
-        return BulkOutcome(items=batch.items, events=events, batch=stored, head_position=head_position,
+        return BulkOutcome(items=items, events=events, batch=stored[0], head_position=head_position,
                            head_hash=head_hash, replayed=True)
 
     async def history(self, prediction_id: uuid.UUID) -> list[LabelEntry]:

@@ -137,10 +137,14 @@ async def test_bulk_10000_items_with_3_bad_ones_commit_9997_in_one_transaction(l
     assert len(outcome.events) == 9_997
     assert outcome.events[9_999].stream_version == 4 and outcome.events[0].stream_version == 3  # two labels, in order
     appended = await owner.fetchval("SELECT count(*) FROM events WHERE position > $1", before)
-    assert appended == 9_997 + 1  # the labels and the request's own LabelBatchRecorded
+    assert appended == 9_997 + 100  # the labels and the request's own LabelBatchRecorded events, 100 items each
     recorded_at = await owner.fetch("SELECT DISTINCT recorded_at FROM events WHERE position > $1", before)
     assert len(recorded_at) == 1  # one transaction: one clock reading under the lock
-    assert await owner.fetchval("SELECT count(*) FROM events WHERE position > $1 AND event_type = 'LabelBatchRecorded'", before) == 1
+    batches = await owner.fetch("SELECT stream_id, stream_version, octet_length(data::text) + octet_length(metadata::text)"
+                                " AS size FROM events WHERE position > $1 AND event_type = 'LabelBatchRecorded'"
+                                " ORDER BY position", before)
+    assert len({b["stream_id"] for b in batches}) == 1 and [b["stream_version"] for b in batches] == list(range(1, 101))
+    assert max(b["size"] for b in batches) < 20_000  # each far inside a transparency-log entry (65,535 bytes)
 
 
 async def test_bulk_with_an_idempotency_key_answers_the_same_and_appends_nothing_the_second_time(labels, owner):

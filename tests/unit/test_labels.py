@@ -90,3 +90,16 @@ def test_stream_rules_allow_labels_after_the_outcome_only():
     for bad in ([requested, label], [requested, made, gone], [requested, made, label, gone, gone], [requested, made, requested]):
         with pytest.raises(StreamRuleViolation):
             check_stream([], bad)
+
+
+def test_a_bulk_outcome_is_recorded_in_events_of_at_most_100_items_in_order():
+    from domain.events import LabelBatchItem
+    from domain.labels import BATCH_EVENT_ITEMS, batch_events
+
+    items = [LabelBatchItem(index=i, prediction_id=None, code="invalid_label_item", detail="x" * 200)
+             for i in range(250)]
+    events = batch_events(items, "importer")
+    assert [len(e.items) for e in events] == [BATCH_EVENT_ITEMS, BATCH_EVENT_ITEMS, 50]
+    assert [item.index for e in events for item in e.items] == list(range(250))
+    assert all(e.actor == "importer" for e in events)
+    assert [len(e.items) for e in batch_events([], None)] == [0]
