@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -42,11 +43,13 @@ def test_the_launcher_serves_then_leaves_no_process_behind(tmp_path, stop_with):
     finally:
         if launcher.poll() is None:
             launcher.kill()
+    text = log_path.read_text()
+    folder = re.search(r"; data in (\S+)$", text, re.M).group(1)
     if stop_with == signal.SIGINT:  # an orderly stop also removes its temporary folder
-        text = log_path.read_text()
         assert "stopped" in text
-        folder = re.search(r"; data in (\S+)$", text, re.M).group(1)
         assert not os.path.exists(folder), folder
+    else:  # a SIGKILLed launcher cannot: its children stopped, its folder is ours to remove
+        shutil.rmtree(folder)
 
 
 def _alive(process: psutil.Process) -> bool:
