@@ -11,12 +11,15 @@ import asyncpg
 from litestar import Litestar, Response, get
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
+from litestar.plugins.jinja import JinjaTemplateEngine
+from litestar.template.config import TemplateConfig
 
 from db.migrate import pending_migrations
 from db.store import CONNECTION_ERRORS, DatabaseUnavailable
 from infra.settings import Settings
 from projections.worker import elected_workers
 from service.bootstrap import Services, ServicesDependency
+from service.console import CONSOLE, TEMPLATES
 from service.label_routes import LABEL_ROUTES
 from service.metrics import Metrics
 from service.observability import Observed
@@ -99,7 +102,8 @@ def create_app(settings: Settings, app_dsn: str, *, run_projections: bool = True
         return started[0]  # the lifespan has run before any request is served
 
     app = Litestar(
-        route_handlers=[live, ready, *ROUTES, *LABEL_ROUTES, *QUALITY_ROUTES, *TLOG_ROUTES],
+        route_handlers=[live, ready, *ROUTES, *LABEL_ROUTES, *QUALITY_ROUTES, *TLOG_ROUTES, CONSOLE],
+        template_config=TemplateConfig(directory=TEMPLATES, engine=JinjaTemplateEngine),
         lifespan=[lifespan],
         dependencies={"services": Provide(provide_services, sync_to_thread=False)},
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]

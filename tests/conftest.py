@@ -14,7 +14,7 @@ from harness.databases import Server, ThrowawayDatabase
 
 TESTS = Path(__file__).resolve().parent
 SCOPES = {"unit": "unit", "integration": "integration", "api": "api", "faults": "fault", "fuzz": "fuzz",
-          "interop": "interop", "cluster": "cluster"}  # folder: marker
+          "interop": "interop", "browser": "browser", "cluster": "cluster"}  # folder: marker
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker

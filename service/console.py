@@ -1,0 +1,303 @@
+"""The audit console: server-rendered pages under /ui/ (Jinja2 templates, htmx for partial updates,
+one small script of our own; every file served from the repository, no CDN).
+
+It reads through the same query code as the JSON API (`projections.queries`, `tree_store`, the
+event store) and has the same scopes. With API keys configured, a key is asked once (the login
+form) and kept as a session cookie (HttpOnly, SameSite=Strict, Secure behind TLS): the cookie is
+`<key digest>.<expiry>.<HMAC>`, keyed by a secret derived from the configured keys, so every node
+with the same API_KEYS accepts it and removing a key ends its sessions. Every form carries a CSRF
+token derived from the session (the login form: a double-submit cookie). Pages are sent with a
+Content-Security-Policy that allows no inline script; Jinja2 escapes every value.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import secrets
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Annotated, Any
+from uuid import UUID
+
+from litestar import Request, Response, Router, get, post
+from litestar.datastructures import Cookie
+from litestar.enums import RequestEncodingType
+from litestar.params import Body, Parameter
+from litestar.response import Redirect, Template
+from litestar.static_files import create_static_files_router
+
+from domain.event_lines import EventLine
+from infra.settings import ApiKey, ApiKeys
+from projections import queries, tree_store
+from service.bootstrap import ServicesDependency
+from service.checkpoint_wait import b64
+from service.problems import Problem
+from service.responses import event_out
+
+HERE = Path(__file__).parent
+TEMPLATES = HERE / "templates"
+STATIC = HERE / "static"
+SESSION = "console_session"
+LOGIN_CSRF = "console_login_csrf"
+SESSION_S = 8 * 3600
+CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+       "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+PAGE_HEADERS = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
+                "Cache-Control": "no-store"}
+
+
+class LoginRequired(Exception):
+    """No valid session: the console answers with its login page."""
+
+
+class Viewer:
+    """Who is looking: the key's name and scopes (everything when no keys are configured)."""
+
+    def __init__(self, name: str | None, scopes: frozenset[str], session: str | None) -> None:
+        self.name, self.scopes, self.session = name, scopes, session
+
+    def can(self, scope: str) -> bool:
+        return scope in self.scopes
+
+
+def _secret(keys: ApiKeys) -> bytes:
+    return hashlib.sha256(b"console-session\n" + b"".join(sorted(keys))).digest()
+
+
+def _sign(keys: ApiKeys, text: str) -> str:
+    return base64.urlsafe_b64encode(hmac.new(_secret(keys), text.encode(), hashlib.sha256).digest()).decode().rstrip("=")
+
+
+def csrf_token(keys: ApiKeys, session: str) -> str:
+    return _sign(keys, "csrf\n" + session)
+
+
+def _session_for(keys: ApiKeys, digest: bytes) -> str:
+    text = f"{digest.hex()}.{int(time.time()) + SESSION_S}"
+    return f"{text}.{_sign(keys, text)}"
+
+
+def _key_of_session(keys: ApiKeys, value: str | None) -> ApiKey | None:
+    if not value or value.count(".") != 2:
+        return None
+    digest_hex, expires, signature = value.split(".")
+    if not hmac.compare_digest(signature, _sign(keys, f"{digest_hex}.{expires}")):
+        return None
+    if not expires.isdigit() or int(expires) < time.time():
+        return None
+    try:
+        return keys.get(bytes.fromhex(digest_hex))
+    except ValueError:
+        return None
+
+
+def viewer(request: Request, services: ServicesDependency, scope: str = "read") -> Viewer:
+    """The console's guard: no keys, everyone; else a valid session with `scope`, or the login."""
+    keys = services.settings.api_keys
+    if not keys:
+        return Viewer(None, frozenset({"predict", "read", "audit", "label"}), None)
+    session = request.cookies.get(SESSION)
+    key = _key_of_session(keys, session)
+    if key is None:
+        raise LoginRequired
+    if scope not in key.scopes:
+        raise Problem(403, "missing_scope", f"the API key lacks the {scope!r} scope")
+    return Viewer(key.name, key.scopes, session)
+
+
+def page(name: str, request: Request, services: ServicesDependency, who: Viewer, **context: Any) -> Template:
+    keys = services.settings.api_keys
+    return Template(
+        template_name=name,
+        context={"who": who, "csrf": csrf_token(keys, who.session) if who.session else "", "path": request.url.path,
+                 **context},
+        headers=PAGE_HEADERS,
+    )
+
+
+@get("/", include_in_schema=False)
+async def root() -> Redirect:
+    return Redirect("/ui/")
+
+
+# ---- login ---------------------------------------------------------------------------------------
+
+
+@get("/ui/login", include_in_schema=False)
+async def login_form(request: Request, services: ServicesDependency, error: str | None = None) -> Template:
+    token = secrets.token_urlsafe(24)
+    response = Template(template_name="login.html", context={"csrf": token, "error": error, "who": None,
+                                                              "path": request.url.path}, headers=PAGE_HEADERS)
+    response.cookies.append(Cookie(key=LOGIN_CSRF, value=token, httponly=True, samesite="strict", path="/ui",
+                                   secure=request.url.scheme == "https", max_age=600))
+    return response
+
+
+@post("/ui/login", include_in_schema=False, status_code=303)
+async def login(request: Request, services: ServicesDependency,
+                data: Annotated[dict[str, str], Body(media_type=RequestEncodingType.URL_ENCODED)]) -> Response[Any]:
+    expected = request.cookies.get(LOGIN_CSRF)
+    if not expected or not hmac.compare_digest(expected, data.get("csrf", "")):
+        raise Problem(403, "csrf", "the form is stale or was not sent by this site; reload the login page")
+    keys = services.settings.api_keys
+    digest = hashlib.sha256(data.get("key", "").strip().encode("utf-8", "surrogateescape")).digest()
+    if not keys or keys.get(digest) is None:
+        return Redirect("/ui/login?error=1")
+    response = Redirect("/ui/")
+    response.cookies.append(Cookie(key=SESSION, value=_session_for(keys, digest), httponly=True, samesite="strict",
+                                   path="/", secure=request.url.scheme == "https", max_age=SESSION_S))
+    return response
+
+
+@post("/ui/logout", include_in_schema=False, status_code=303)
+async def logout(request: Request, services: ServicesDependency,
+                 data: Annotated[dict[str, str], Body(media_type=RequestEncodingType.URL_ENCODED)]) -> Response[Any]:
+    who = viewer(request, services)
+    if who.session and not hmac.compare_digest(data.get("csrf", ""), csrf_token(services.settings.api_keys, who.session)):
+        raise Problem(403, "csrf", "the form was not sent by this site")
+    response = Redirect("/ui/login")
+    response.cookies.append(Cookie(key=SESSION, value="", max_age=0, path="/", httponly=True, samesite="strict"))
+    return response
+
+
+# ---- predictions -----------------------------------------------------------------------------------
+
+
+def _filters(likely_class: int | None, labelled: str | None, correct: str | None, model_version: str | None) -> dict:
+    def flag(value: str | None) -> bool | None:
+        return {"yes": True, "no": False}.get(value or "")
+
+    if model_version is not None and ("\x00" in model_version or len(model_version) > 200):
+        raise Problem(400, "bad_parameter", "`model_version` is at most 200 characters, without NUL")
+    return {"likely_class": likely_class, "labelled": flag(labelled), "correct": flag(correct),
+            "model_version": model_version or None}
+
+
+async def _rows(services: ServicesDependency, filters: dict, before: int | None) -> tuple[list, int | None]:
+    async with services.reading() as connection:
+        return await queries.list_predictions(connection, limit=50, before_position=before, **filters)
+
+
+@get("/ui/", include_in_schema=False)
+async def predictions_page(
+    request: Request, services: ServicesDependency,
+    likely_class: Annotated[int | None, Parameter(query="class", ge=0, le=1_000_000, required=False)] = None,
+    labelled: Annotated[str | None, Parameter(pattern="^(|yes|no)$", required=False)] = None,
+    correct: Annotated[str | None, Parameter(pattern="^(|yes|no)$", required=False)] = None,
+    model_version: Annotated[str | None, Parameter(query="model", required=False)] = None,
+    cursor: Annotated[int | None, Parameter(ge=0, le=2**63 - 1, required=False)] = None,
+) -> Template:
+    who = viewer(request, services)
+    filters = _filters(likely_class, labelled, correct, model_version)
+    rows, next_cursor = await _rows(services, filters, cursor)
+    return page("predictions.html", request, services, who, rows=rows, next_cursor=next_cursor, cursor=cursor,
+                query=request.url.query or "", form={"class": likely_class, "labelled": labelled or "",
+                                                     "correct": correct or "", "model": model_version or ""})
+
+
+@get("/ui/rows", include_in_schema=False)
+async def prediction_rows(
+    request: Request, services: ServicesDependency,
+    likely_class: Annotated[int | None, Parameter(query="class", ge=0, le=1_000_000, required=False)] = None,
+    labelled: Annotated[str | None, Parameter(pattern="^(|yes|no)$", required=False)] = None,
+    correct: Annotated[str | None, Parameter(pattern="^(|yes|no)$", required=False)] = None,
+    model_version: Annotated[str | None, Parameter(query="model", required=False)] = None,
+) -> Template:
+    """The first page's rows, for htmx to swap in: new predictions appear without a reload."""
+    who = viewer(request, services)
+    rows, _ = await _rows(services, _filters(likely_class, labelled, correct, model_version), None)
+    return page("rows.html", request, services, who, rows=rows)
+
+
+@get("/ui/prediction/{prediction_id:uuid}", include_in_schema=False)
+async def prediction_page(request: Request, services: ServicesDependency, prediction_id: UUID) -> Template:
+    who = viewer(request, services)
+    async with services.reading() as connection:
+        view = await queries.get_prediction(connection, prediction_id)
+    if view is None:
+        raise Problem(404, "prediction_not_found", f"no prediction {prediction_id}")
+    events = [event_out(event) for event in await services.store.read_stream(prediction_id)] if who.can("audit") else []
+    bars = []
+    if view.output:
+        top = max(view.output)
+        bars = [(index, value, value == top) for index, value in enumerate(view.output)]
+    return page("prediction.html", request, services, who, view=view, events=events, bars=bars)
+
+
+@get("/ui/prediction/{prediction_id:uuid}/events.json", include_in_schema=False)
+async def prediction_events(request: Request, services: ServicesDependency, prediction_id: UUID) -> list[EventLine]:
+    """The events exactly as hashed, for the in-browser verification (the audit scope, as the API)."""
+    viewer(request, services, "audit")
+    events = await services.store.read_stream(prediction_id)
+    if not events:
+        raise Problem(404, "prediction_not_found", f"no prediction {prediction_id}")
+    return [event_out(event) for event in events]
+
+
+@get("/ui/input/{input_id:uuid}", include_in_schema=False)
+async def input_image(request: Request, services: ServicesDependency, input_id: UUID) -> Response[bytes]:
+    """The original image for an <img>: immutable (its ETag is the bytes' sha256)."""
+    viewer(request, services)
+    async with services.reading() as connection:
+        found = await queries.get_input(connection, input_id)
+        content = None if found is None or found.erased else await connection.fetchval(
+            "SELECT content FROM blobs WHERE sha256 = $1", bytes.fromhex(found.blob_sha256))
+    if content is None:
+        raise Problem(404 if found is None else 410, "input_unavailable", "no such input, or it was erased")
+    etag = f'"{found.blob_sha256}"'
+    if request.headers.get("if-none-match") == etag:
+        return Response(b"", status_code=304, headers={"ETag": etag})
+    kind = _image_type(bytes(content))
+    return Response(bytes(content), media_type=kind, headers={
+        "ETag": etag, "Cache-Control": "private, max-age=31536000, immutable", "X-Content-Type-Options": "nosniff",
+        "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; sandbox"})
+
+
+def _image_type(content: bytes) -> str:
+    for magic, kind in ((b"\x89PNG", "image/png"), (b"\xff\xd8", "image/jpeg"), (b"GIF8", "image/gif"),
+                        (b"BM", "image/bmp")):
+        if content.startswith(magic):
+            return kind
+    if content[:4] == b"RIFF" and content[8:12] == b"WEBP":
+        return "image/webp"
+    return "application/octet-stream"  # an <img> will not render it: nothing is sniffed
+
+
+# ---- the log -------------------------------------------------------------------------------------
+
+
+@get("/ui/log", include_in_schema=False)
+async def log_page(request: Request, services: ServicesDependency) -> Template:
+    who = viewer(request, services)
+    async with services.reading() as connection:
+        head = await connection.fetchrow("SELECT position, hash FROM events ORDER BY position DESC LIMIT 1")
+        lag = await queries.lag(connection)
+        tree = await tree_store.tree_state(connection)
+        checkpoints = await tree_store.recent_checkpoints(connection, 20)
+        erasures = await connection.fetchval("SELECT count(*) FROM events WHERE event_type = 'BlobErased'")
+        now_us = await connection.fetchval("SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::bigint")
+    signed = [{"size": c.tree_size, "root": b64(c.root_hash), "chain_head": c.chain_head.hex(),
+               "age_s": (now_us - c.signed_at_us) / 1e6,
+               "at": datetime.fromtimestamp(c.signed_at_us / 1e6, timezone.utc)} for c in checkpoints]
+    return page("log.html", request, services, who, head=head, lag=lag, tree=tree, checkpoints=signed,
+                erasures=erasures)
+
+
+def _to_login(request: Request, _: LoginRequired) -> Response[Any]:
+    return Redirect("/ui/login", status_code=303)
+
+
+CONSOLE = Router(
+    path="/",
+    route_handlers=[
+        root, login_form, login, logout, predictions_page, prediction_rows, prediction_page, prediction_events,
+        input_image, log_page,
+        create_static_files_router(path="/ui/static", directories=[STATIC], name="console-static",
+                                   include_in_schema=False, cache_control=None),
+    ],
+    exception_handlers={LoginRequired: _to_login},
+    include_in_schema=False,
+)

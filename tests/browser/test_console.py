@@ -1,0 +1,147 @@
+"""The audit console in Chromium: what an auditor does, checked as they would see it."""
+
+from __future__ import annotations
+
+import re
+
+import asyncpg
+import httpx
+import pytest
+from playwright.async_api import expect
+
+from tests.browser.conftest import screenshots, serious_accessibility_violations
+from tests.fixtures import digit_files
+
+pytestmark = pytest.mark.timeout(240)
+
+
+@pytest.fixture(scope="module")
+def service_env() -> dict[str, str]:
+    return {"CHECKPOINT_INTERVAL_MS": "100"}
+
+
+def upload(client, index: int = 0, *, name: str | None = None, wait: bool = False) -> dict:
+    path, _ = digit_files()[index % len(digit_files())]
+    answer = client.post("/prediction/", files={"file": (name or path.name, path.read_bytes(), "image/png")},
+                         headers={"Prefer": "wait=checkpoint"} if wait else {})
+    assert answer.status_code == 201, answer.text
+    return answer.json()
+
+
+async def test_new_predictions_appear_without_a_reload_and_filters_narrow_the_table(service, client, browsing):
+    page = browsing.page
+    upload(client, 0)
+    await page.goto(f"{service.url}/")  # the root redirects to the console
+    await expect(page).to_have_url(re.compile(r"/ui/$"))
+    rows = page.locator("#rows tr")
+    before = await rows.count()
+    made = upload(client, 1)
+    await expect(page.locator(f"a[href='/ui/prediction/{made['prediction_id']}']").first).to_be_visible(timeout=10_000)
+    assert await rows.count() == before + 1
+    wanted = made["likely_class"]
+    await page.get_by_label("Class").fill(str(wanted))
+    await page.get_by_role("button", name="Filter").click()
+    await expect(page).to_have_url(re.compile(rf"class={wanted}"))
+    classes = await page.locator("#rows tr td:nth-child(3)").all_inner_texts()
+    assert classes and all(text.strip() == str(wanted) for text in classes)
+    await screenshots(page, "predictions")
+    assert await serious_accessibility_violations(page) == []
+    assert browsing.errors == []
+
+
+async def test_a_prediction_verifies_in_the_browser_and_a_tampered_event_is_named(
+        service, client, module_database, browsing):
+    page = browsing.page
+    made = upload(client, 2, wait=True)
+    await page.goto(f"{service.url}/ui/prediction/{made['prediction_id']}")
+    await expect(page.get_by_role("heading", name=f"Class {made['likely_class']}")).to_be_visible()
+    await expect(page.locator(".bars li")).to_have_count(10)
+    await expect(page.locator(".timeline li")).to_have_count(2)
+    await page.get_by_role("button", name="Verify in this browser").click()
+    await expect(page.locator("#verdict")).to_contain_text("✓ All 2 events are in the signed checkpoint", timeout=15_000)
+    await screenshots(page, "prediction")
+    assert await serious_accessibility_violations(page) == []
+
+    position = made["receipt"]["events"][1]["position"]
+    connection = await asyncpg.connect(module_database.owner_dsn)
+    try:
+        async with connection.transaction():
+            await connection.execute("SET LOCAL session_replication_role = replica")  # a superuser's edit
+            await connection.execute(
+                "UPDATE events SET data = ('{\"tampered\":true,' || substr(data::text, 2))::json WHERE position = $1",
+                position)
+    finally:
+        await connection.close()
+    await page.get_by_role("button", name="Verify in this browser").click()
+    await expect(page.locator("#verdict")).to_contain_text(f"✗ the event at position {position}", timeout=15_000)
+    assert browsing.errors == []
+
+
+async def test_keyboard_only_reaches_verification(service, client, browsing):
+    page = browsing.page
+    made = upload(client, 3, wait=True)
+    await page.goto(f"{service.url}/ui/prediction/{made['prediction_id']}")
+    for _ in range(40):
+        await page.keyboard.press("Tab")
+        if await page.evaluate("document.activeElement && document.activeElement.id") == "verify":
+            break
+    else:
+        pytest.fail("Tab never reached the verify button")
+    await page.keyboard.press("Enter")
+    await expect(page.locator("#verdict")).to_contain_text("✓", timeout=15_000)
+    assert browsing.errors == []
+
+
+async def test_a_hostile_filename_is_text_and_runs_nothing(service, client, browsing):
+    page = browsing.page
+    hostile = "<img src=x onerror=alert(1)>.png"
+    made = upload(client, 4, name=hostile)
+    await page.goto(f"{service.url}/ui/")
+    await expect(page.get_by_text(hostile).first).to_be_visible(timeout=10_000)
+    await page.goto(f"{service.url}/ui/prediction/{made['prediction_id']}")
+    await expect(page.locator("figcaption")).to_have_text(hostile)
+    assert await page.locator("img[src='x']").count() == 0
+    assert browsing.errors == []
+
+
+async def test_the_log_page(service, client, browsing):
+    page = browsing.page
+    upload(client, 5, wait=True)
+    await page.goto(f"{service.url}/ui/log")
+    await expect(page.get_by_role("heading", name="Recent checkpoints")).to_be_visible()
+    assert await page.locator("table tbody tr").count() >= 1
+    await screenshots(page, "log")
+    assert await serious_accessibility_violations(page) == []
+    assert browsing.errors == []
+
+
+async def test_login_scopes_and_csrf(start_service, browsing):
+    page = browsing.page
+    keyed = start_service(API_KEYS="auditor@audit-key:read,audit,predict;up@up-key:predict")
+    await page.goto(f"{keyed.url}/ui/")
+    await expect(page).to_have_url(re.compile(r"/ui/login$"))
+    await screenshots(page, "login")
+    assert await serious_accessibility_violations(page) == []
+    await page.get_by_label("API key").fill("wrong")
+    await page.get_by_role("button", name="Log in").click()
+    await expect(page.get_by_role("alert")).to_contain_text("not valid")
+    await page.get_by_label("API key").fill("audit-key")
+    await page.get_by_role("button", name="Log in").click()
+    await expect(page.get_by_role("heading", name="Predictions")).to_be_visible()
+    cookie = next(c for c in await page.context.cookies() if c["name"] == "console_session")
+    assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+    csp = (await page.request.get(f"{keyed.url}/ui/")).headers["content-security-policy"]
+    assert "script-src 'self'" in csp and "'unsafe-inline'" not in csp and "'unsafe-eval'" not in csp
+
+    # A forged post (a wrong CSRF token) riding on the victim's session is refused, as is a login
+    # post whose token does not match its double-submit cookie.
+    with httpx.Client(base_url=keyed.url, cookies={"console_session": cookie["value"]}) as forger:
+        assert forger.post("/ui/logout", data={"csrf": "guess"}).status_code == 403
+        assert forger.post("/ui/login", data={"key": "audit-key", "csrf": "x"}).status_code == 403
+    await page.get_by_role("button", name="Log out").click()
+    await expect(page).to_have_url(re.compile(r"/ui/login$"))
+
+    await page.get_by_label("API key").fill("up-key")  # a key without the read scope
+    await page.get_by_role("button", name="Log in").click()
+    assert (await page.request.get(f"{keyed.url}/ui/")).status == 403
+    assert [e for e in browsing.errors if "403" not in e] == []
