@@ -13,35 +13,44 @@ Content-Security-Policy that allows no inline script; Jinja2 escapes every value
 from __future__ import annotations
 
 import base64
+import csv
 import hashlib
 import hmac
+import io
+import re
 import secrets
 import time
+from collections.abc import AsyncIterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import urlencode
 from uuid import UUID
 
+import msgspec
 from litestar import Request, Response, Router, get, post
 from litestar.datastructures import Cookie
 from litestar.enums import RequestEncodingType
 from litestar.params import Body, Parameter
-from litestar.response import Redirect, Template
+from litestar.response import Redirect, Stream, Template
 from litestar.static_files import create_static_files_router
 
 from domain.event_lines import EventLine
+from domain.rejections import Rejected
 from infra.settings import ApiKey, ApiKeys
-from projections import queries, tree_store
+from projections import quality, queries, tree_store
 from service.bootstrap import ServicesDependency
 from service.checkpoint_wait import b64
 from service.problems import Problem
+from service.quality_routes import measure
 from service.responses import event_out
+from service.routes import current_prediction, prediction_out, wait_for_projection
 
 HERE = Path(__file__).parent
 TEMPLATES = HERE / "templates"
 STATIC = HERE / "static"
 SESSION = "console_session"
-LOGIN_CSRF = "console_login_csrf"
+CSRF = "console_csrf"
 SESSION_S = 8 * 3600
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
        "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
@@ -69,10 +78,6 @@ def _secret(keys: ApiKeys) -> bytes:
 
 def _sign(keys: ApiKeys, text: str) -> str:
     return base64.urlsafe_b64encode(hmac.new(_secret(keys), text.encode(), hashlib.sha256).digest()).decode().rstrip("=")
-
-
-def csrf_token(keys: ApiKeys, session: str) -> str:
-    return _sign(keys, "csrf\n" + session)
 
 
 def _session_for(keys: ApiKeys, digest: bytes) -> str:
@@ -108,14 +113,22 @@ def viewer(request: Request, services: ServicesDependency, scope: str = "read") 
     return Viewer(key.name, key.scopes, session)
 
 
-def page(name: str, request: Request, services: ServicesDependency, who: Viewer, **context: Any) -> Template:
-    keys = services.settings.api_keys
-    return Template(
-        template_name=name,
-        context={"who": who, "csrf": csrf_token(keys, who.session) if who.session else "", "path": request.url.path,
-                 **context},
-        headers=PAGE_HEADERS,
-    )
+def page(name: str, request: Request, who: Viewer | None, **context: Any) -> Template:
+    """A page, with the CSRF token its forms carry: a random value also set as an HttpOnly,
+    SameSite=Strict cookie, which a cross-site form post never carries (double submit)."""
+    token = request.cookies.get(CSRF) or secrets.token_urlsafe(24)
+    response = Template(template_name=name, context={"who": who, "csrf": token, "path": request.url.path, **context},
+                        headers=PAGE_HEADERS)
+    if request.cookies.get(CSRF) != token:
+        response.cookies.append(Cookie(key=CSRF, value=token, httponly=True, samesite="strict", path="/",
+                                       secure=request.url.scheme == "https"))
+    return response
+
+
+def check_csrf(request: Request, form: dict[str, str]) -> None:
+    expected = request.cookies.get(CSRF)
+    if not expected or not hmac.compare_digest(expected, form.get("csrf", "")):
+        raise Problem(403, "csrf", "the form is stale or was not sent by this site; reload the page")
 
 
 @get("/", include_in_schema=False)
@@ -127,21 +140,14 @@ async def root() -> Redirect:
 
 
 @get("/ui/login", include_in_schema=False)
-async def login_form(request: Request, services: ServicesDependency, error: str | None = None) -> Template:
-    token = secrets.token_urlsafe(24)
-    response = Template(template_name="login.html", context={"csrf": token, "error": error, "who": None,
-                                                              "path": request.url.path}, headers=PAGE_HEADERS)
-    response.cookies.append(Cookie(key=LOGIN_CSRF, value=token, httponly=True, samesite="strict", path="/ui",
-                                   secure=request.url.scheme == "https", max_age=600))
-    return response
+async def login_form(request: Request, error: str | None = None) -> Template:
+    return page("login.html", request, None, error=error)
 
 
 @post("/ui/login", include_in_schema=False, status_code=303)
 async def login(request: Request, services: ServicesDependency,
                 data: Annotated[dict[str, str], Body(media_type=RequestEncodingType.URL_ENCODED)]) -> Response[Any]:
-    expected = request.cookies.get(LOGIN_CSRF)
-    if not expected or not hmac.compare_digest(expected, data.get("csrf", "")):
-        raise Problem(403, "csrf", "the form is stale or was not sent by this site; reload the login page")
+    check_csrf(request, data)
     keys = services.settings.api_keys
     digest = hashlib.sha256(data.get("key", "").strip().encode("utf-8", "surrogateescape")).digest()
     if not keys or keys.get(digest) is None:
@@ -155,9 +161,7 @@ async def login(request: Request, services: ServicesDependency,
 @post("/ui/logout", include_in_schema=False, status_code=303)
 async def logout(request: Request, services: ServicesDependency,
                  data: Annotated[dict[str, str], Body(media_type=RequestEncodingType.URL_ENCODED)]) -> Response[Any]:
-    who = viewer(request, services)
-    if who.session and not hmac.compare_digest(data.get("csrf", ""), csrf_token(services.settings.api_keys, who.session)):
-        raise Problem(403, "csrf", "the form was not sent by this site")
+    check_csrf(request, data)
     response = Redirect("/ui/login")
     response.cookies.append(Cookie(key=SESSION, value="", max_age=0, path="/", httponly=True, samesite="strict"))
     return response
@@ -166,25 +170,29 @@ async def logout(request: Request, services: ServicesDependency,
 # ---- predictions -----------------------------------------------------------------------------------
 
 
-def _filters(likely_class: int | None, labelled: str | None, correct: str | None, model_version: str | None) -> dict:
+def _filters(likely_class: str | None, labelled: str | None, correct: str | None, model_version: str | None) -> dict:
+    """The list's filters from the form: an empty field means any (a form sends every field)."""
     def flag(value: str | None) -> bool | None:
         return {"yes": True, "no": False}.get(value or "")
 
     if model_version is not None and ("\x00" in model_version or len(model_version) > 200):
         raise Problem(400, "bad_parameter", "`model_version` is at most 200 characters, without NUL")
-    return {"likely_class": likely_class, "labelled": flag(labelled), "correct": flag(correct),
+    return {"likely_class": int(likely_class) if likely_class else None, "labelled": flag(labelled), "correct": flag(correct),
             "model_version": model_version or None}
 
 
-async def _rows(services: ServicesDependency, filters: dict, before: int | None) -> tuple[list, int | None]:
+async def _rows(services: ServicesDependency, filters: dict, before: int | None, limit: int = 50
+                ) -> tuple[list, int | None]:
     async with services.reading() as connection:
-        return await queries.list_predictions(connection, limit=50, before_position=before, **filters)
+        if before is None:  # the first page: read-your-writes, as the API's list
+            await wait_for_projection(connection, services.settings.read_your_writes_timeout_s)
+        return await queries.list_predictions(connection, limit=limit, before_position=before, **filters)
 
 
 @get("/ui/", include_in_schema=False)
 async def predictions_page(
     request: Request, services: ServicesDependency,
-    likely_class: Annotated[int | None, Parameter(query="class", ge=0, le=1_000_000, required=False)] = None,
+    likely_class: Annotated[str | None, Parameter(query="class", pattern=r"^[0-9]{0,7}$", required=False)] = None,
     labelled: Annotated[str | None, Parameter(pattern="^(|yes|no)$", required=False)] = None,
     correct: Annotated[str | None, Parameter(pattern="^(|yes|no)$", required=False)] = None,
     model_version: Annotated[str | None, Parameter(query="model", required=False)] = None,
@@ -193,15 +201,15 @@ async def predictions_page(
     who = viewer(request, services)
     filters = _filters(likely_class, labelled, correct, model_version)
     rows, next_cursor = await _rows(services, filters, cursor)
-    return page("predictions.html", request, services, who, rows=rows, next_cursor=next_cursor, cursor=cursor,
-                query=request.url.query or "", form={"class": likely_class, "labelled": labelled or "",
+    return page("predictions.html", request, who, rows=rows, next_cursor=next_cursor, cursor=cursor,
+                query=request.url.query or "", form={"class": likely_class or "", "labelled": labelled or "",
                                                      "correct": correct or "", "model": model_version or ""})
 
 
 @get("/ui/rows", include_in_schema=False)
 async def prediction_rows(
     request: Request, services: ServicesDependency,
-    likely_class: Annotated[int | None, Parameter(query="class", ge=0, le=1_000_000, required=False)] = None,
+    likely_class: Annotated[str | None, Parameter(query="class", pattern=r"^[0-9]{0,7}$", required=False)] = None,
     labelled: Annotated[str | None, Parameter(pattern="^(|yes|no)$", required=False)] = None,
     correct: Annotated[str | None, Parameter(pattern="^(|yes|no)$", required=False)] = None,
     model_version: Annotated[str | None, Parameter(query="model", required=False)] = None,
@@ -209,14 +217,14 @@ async def prediction_rows(
     """The first page's rows, for htmx to swap in: new predictions appear without a reload."""
     who = viewer(request, services)
     rows, _ = await _rows(services, _filters(likely_class, labelled, correct, model_version), None)
-    return page("rows.html", request, services, who, rows=rows)
+    return page("rows.html", request, who, rows=rows)
 
 
 @get("/ui/prediction/{prediction_id:uuid}", include_in_schema=False)
-async def prediction_page(request: Request, services: ServicesDependency, prediction_id: UUID) -> Template:
+async def prediction_page(request: Request, services: ServicesDependency, prediction_id: UUID,
+                          error: Annotated[str | None, Parameter(max_length=300, required=False)] = None) -> Template:
     who = viewer(request, services)
-    async with services.reading() as connection:
-        view = await queries.get_prediction(connection, prediction_id)
+    view = await current_prediction(services, prediction_id)
     if view is None:
         raise Problem(404, "prediction_not_found", f"no prediction {prediction_id}")
     events = [event_out(event) for event in await services.store.read_stream(prediction_id)] if who.can("audit") else []
@@ -224,7 +232,7 @@ async def prediction_page(request: Request, services: ServicesDependency, predic
     if view.output:
         top = max(view.output)
         bars = [(index, value, value == top) for index, value in enumerate(view.output)]
-    return page("prediction.html", request, services, who, view=view, events=events, bars=bars)
+    return page("prediction.html", request, who, view=view, events=events, bars=bars, error=error)
 
 
 @get("/ui/prediction/{prediction_id:uuid}/events.json", include_in_schema=False)
@@ -266,6 +274,111 @@ def _image_type(content: bytes) -> str:
     return "application/octet-stream"  # an <img> will not render it: nothing is sniffed
 
 
+@post("/ui/prediction/{prediction_id:uuid}/label", include_in_schema=False, status_code=303)
+async def label(request: Request, services: ServicesDependency, prediction_id: UUID,
+                data: Annotated[dict[str, str], Body(media_type=RequestEncodingType.URL_ENCODED)]) -> Response[Any]:
+    """The label form: the same use case as POST /prediction/{id}/labels, with the key's name as actor."""
+    who = viewer(request, services, "label")
+    check_csrf(request, data)
+    back = f"/ui/prediction/{prediction_id}"
+    try:
+        value = int(data.get("label", ""))
+    except ValueError:
+        return Redirect(f"{back}?{urlencode({'error': 'the label is a class number'})}")
+    state = request.scope.get("state", {})
+    try:
+        await services.labels.record(
+            prediction_id, label=value, source=data.get("source") or "console", note=data.get("note") or None,
+            actor=who.name, metadata={"request_id": state.get("request_id"), "actor": who.name, "via": "console"},
+        )
+    except Rejected as refused:
+        return Redirect(f"{back}?{urlencode({'error': refused.message[:300]})}")
+    return Redirect(back)
+
+
+# ---- models --------------------------------------------------------------------------------------
+
+
+@get("/ui/models", include_in_schema=False)
+async def models_page(request: Request, services: ServicesDependency) -> Template:
+    who = viewer(request, services)
+    async with services.reading() as connection:
+        entries = await quality.models(connection)
+    return page("models.html", request, who, models=entries)
+
+
+@get("/ui/models/{sha256:str}", include_in_schema=False)
+async def model_page(request: Request, services: ServicesDependency, sha256: str) -> Template:
+    who = viewer(request, services)
+    if not re.fullmatch(r"[0-9a-f]{64}", sha256):
+        raise Problem(404, "model_not_found", "a model is named by its sha256")
+    async with services.reading() as connection:  # a label recorded a moment ago counts
+        await wait_for_projection(connection, services.settings.read_your_writes_timeout_s)
+    measured = await measure(services, sha256)
+    counts = measured.counts
+    top = max((n for row in measured.confusion for n in row), default=0)
+    shade = [[(0 if not top else min(9, round(9 * n / top))) for n in row] for row in measured.confusion]
+    peak = max(counts.predicted_class_counts, default=0)
+    return page("model.html", request, who, q=measured, shade=shade, peak=peak,
+                series_peak=max((b.predictions for b in measured.series), default=0))
+
+
+# ---- exports -------------------------------------------------------------------------------------
+
+
+@get("/ui/export/{kind:str}", include_in_schema=False)
+async def export(
+    request: Request, services: ServicesDependency, kind: str,
+    likely_class: Annotated[str | None, Parameter(query="class", pattern=r"^[0-9]{0,7}$", required=False)] = None,
+    labelled: Annotated[str | None, Parameter(pattern="^(|yes|no)$", required=False)] = None,
+    correct: Annotated[str | None, Parameter(pattern="^(|yes|no)$", required=False)] = None,
+    model_version: Annotated[str | None, Parameter(query="model", required=False)] = None,
+) -> Stream:
+    """Everything the filter matches (not only the page on screen), streamed page by page."""
+    viewer(request, services)
+    if kind not in ("csv", "ndjson"):
+        raise Problem(404, "no_such_export", "exports are .csv or .ndjson")
+    filters = _filters(likely_class, labelled, correct, model_version)
+
+    async def lines() -> AsyncIterator[bytes]:
+        if kind == "csv":
+            yield (",".join(EXPORT_COLUMNS) + "\r\n").encode()
+        before = None
+        while True:
+            rows, before = await _rows(services, filters, before, limit=500)
+            for view in rows:
+                if kind == "csv":
+                    yield _csv_line(view)
+                else:
+                    yield msgspec.json.encode(prediction_out(view)) + b"\n"
+            if before is None:
+                return
+
+    media = "text/csv; charset=utf-8" if kind == "csv" else "application/x-ndjson"
+    return Stream(lines(), media_type=media, headers={
+        "Content-Disposition": f'attachment; filename="predictions.{kind}"', "X-Content-Type-Options": "nosniff"})
+
+
+EXPORT_COLUMNS = ("prediction_id", "recorded_at", "status", "likely_class", "confidence", "label", "correct",
+                  "model_name", "model_version", "model_sha256", "filename", "input_id", "blob_sha256", "position")
+
+
+def _csv_line(view: queries.PredictionView) -> bytes:
+    buffer = io.StringIO()
+    csv.writer(buffer).writerow([
+        view.prediction_id, view.recorded_at.isoformat(), view.status, view.likely_class,
+        max(view.output) if view.output else "", "" if view.label is None else view.label,
+        "" if view.correct is None else str(view.correct).lower(), view.model.name, view.model.version,
+        view.model.sha256, _spreadsheet_safe(view.filename or ""), view.input_id, view.blob_sha256, view.position,
+    ])
+    return buffer.getvalue().encode()
+
+
+def _spreadsheet_safe(text: str) -> str:
+    """A file name that a spreadsheet would run as a formula gets a leading quote (CSV injection)."""
+    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
+
+
 # ---- the log -------------------------------------------------------------------------------------
 
 
@@ -282,7 +395,7 @@ async def log_page(request: Request, services: ServicesDependency) -> Template:
     signed = [{"size": c.tree_size, "root": b64(c.root_hash), "chain_head": c.chain_head.hex(),
                "age_s": (now_us - c.signed_at_us) / 1e6,
                "at": datetime.fromtimestamp(c.signed_at_us / 1e6, timezone.utc)} for c in checkpoints]
-    return page("log.html", request, services, who, head=head, lag=lag, tree=tree, checkpoints=signed,
+    return page("log.html", request, who, head=head, lag=lag, tree=tree, checkpoints=signed,
                 erasures=erasures)
 
 
@@ -294,7 +407,7 @@ CONSOLE = Router(
     path="/",
     route_handlers=[
         root, login_form, login, logout, predictions_page, prediction_rows, prediction_page, prediction_events,
-        input_image, log_page,
+        input_image, label, models_page, model_page, export, log_page,
         create_static_files_router(path="/ui/static", directories=[STATIC], name="console-static",
                                    include_in_schema=False, cache_control=None),
     ],

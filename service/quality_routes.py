@@ -94,7 +94,18 @@ async def model_quality(
     reference_since: Annotated[datetime | None, QueryParameter(description="Drift reference window start (default: the model's first day)")] = None,
     reference_until: Annotated[datetime | None, QueryParameter(description="Drift reference window end")] = None,
 ) -> ModelQuality:
-    since, until = in_utc("since", since) or _BEGINNING, in_utc("until", until) or _END
+    return await measure(services, sha256, since=in_utc("since", since), until=in_utc("until", until),
+                         bucket=bucket, as_of=as_of, reference_since=in_utc("reference_since", reference_since),
+                         reference_until=in_utc("reference_until", reference_until))
+
+
+async def measure(
+    services: ServicesDependency, sha256: str, *, since: datetime | None = None, until: datetime | None = None,
+    bucket: Literal["hour", "day"] = "day", as_of: int | None = None, reference_since: datetime | None = None,
+    reference_until: datetime | None = None,
+) -> ModelQuality:
+    """One model's quality: what `GET /models/{sha256}/quality` answers and the console shows."""
+    since, until = since or _BEGINNING, until or _END
     async with services.reading() as connection:
         found = await quality.models(connection, sha256)
         if not found:
@@ -115,9 +126,9 @@ async def model_quality(
         k = entry.num_classes
         buckets = await quality.bucket_counts(connection, sha256, k, position=position, current=current,
                                               since=since, until=until, bucket=bucket)
-        reference_since = (in_utc("reference_since", reference_since) or entry.first_day()
+        reference_since = (reference_since or entry.first_day()
                            or datetime.now(timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0))
-        reference_until = in_utc("reference_until", reference_until) or reference_since + timedelta(days=1)
+        reference_until = reference_until or reference_since + timedelta(days=1)
         reference = quality.total(await quality.bucket_counts(
             connection, sha256, k, position=position, current=current, since=reference_since,
             until=reference_until, bucket="day",

@@ -136,7 +136,7 @@ async def list_predictions(
     async with services.reading() as connection:
         # Read-your-writes for the list: answer once the projection has reached the head as it
         # was when this request started (bounded wait).
-        await _wait_for_projection(connection, services.settings.read_your_writes_timeout_s)
+        await wait_for_projection(connection, services.settings.read_your_writes_timeout_s)
         views, next_cursor = await queries.list_predictions(
             connection, limit=limit, before_position=before, likely_class=likely_class,
             model_version=model_version, since=since, until=until, labelled=labelled, correct=correct,
@@ -156,16 +156,7 @@ async def list_predictions(
     responses={404: problem_spec("No such prediction")},
 )
 async def get_prediction(services: ServicesDependency, prediction_id: Annotated[UUID, PathParameter()]) -> PredictionOut:
-    async with services.reading() as connection:
-        view = await queries.get_prediction(connection, prediction_id)
-    applied = max(view.position, view.labelled_at or 0) if view is not None else 0
-    if view is None or await services.store.stream_head(prediction_id) > applied:
-        # Not projected yet (or a label is not): the stream is the truth, so a 2xx POST's id
-        # never answers 404 and a recorded label shows at once.
-        fresh = queries.prediction_view_from_events(
-            await services.store.read_stream(prediction_id), erased=view.erased if view is not None else False
-        )
-        view = fresh or view
+    view = await current_prediction(services, prediction_id)
     if view is None:
         raise Problem(404, "prediction_not_found", f"no prediction {prediction_id}")
     image = None
@@ -189,7 +180,7 @@ async def get_input(services: ServicesDependency, input_id: Annotated[UUID, Path
     async with services.reading() as connection:
         found = await queries.get_input(connection, input_id)
         if found is None:  # perhaps not projected yet: wait (bounded) for the head as of now
-            await _wait_for_projection(connection, services.settings.read_your_writes_timeout_s)
+            await wait_for_projection(connection, services.settings.read_your_writes_timeout_s)
             found = await queries.get_input(connection, input_id)
     if found is None:
         raise Problem(404, "input_not_found", f"no input {input_id}")
@@ -299,7 +290,22 @@ async def metrics(services: ServicesDependency) -> bytes:
 # ---- shaping -------------------------------------------------------------------------------
 
 
-async def _wait_for_projection(connection, timeout_s: float) -> None:
+async def current_prediction(services: ServicesDependency, prediction_id: UUID) -> queries.PredictionView | None:
+    """A prediction as of now: from the read tables, or from its stream when the projection has
+    not applied it (or its latest label) yet, so a 2xx POST's id never answers 404 and a recorded
+    label shows at once."""
+    async with services.reading() as connection:
+        view = await queries.get_prediction(connection, prediction_id)
+    applied = max(view.position, view.labelled_at or 0) if view is not None else 0
+    if view is None or await services.store.stream_head(prediction_id) > applied:
+        fresh = queries.prediction_view_from_events(
+            await services.store.read_stream(prediction_id), erased=view.erased if view is not None else False
+        )
+        view = fresh or view
+    return view
+
+
+async def wait_for_projection(connection, timeout_s: float) -> None:
     """Read-your-writes: wait (bounded) until the projection has applied the head as it is now."""
     head = await connection.fetchval("SELECT coalesce(max(position), 0) FROM events")
     await queries.wait_until_projected(connection, head, timeout_s)

@@ -40,9 +40,11 @@ class Page:
     def __init__(self, page: PlaywrightPage) -> None:
         self.page = page
         self.errors: list[str] = []
-        page.on("console", lambda message: self.errors.append(message.text) if message.type == "error" else None)
+        page.on("console", lambda message: self.errors.append(f"{message.text} ({message.location.get('url')})")
+                if message.type == "error" else None)
         page.on("pageerror", lambda error: self.errors.append(str(error)))
         page.on("dialog", self._dialog)
+        page.on("response", lambda r: self.errors.append(f"{r.status} {r.url}") if r.status >= 400 else None)
 
     async def _dialog(self, dialog) -> None:
         self.errors.append(f"dialog: {dialog.message}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import asyncpg
@@ -145,3 +146,49 @@ async def test_login_scopes_and_csrf(start_service, browsing):
     await page.get_by_role("button", name="Log in").click()
     assert (await page.request.get(f"{keyed.url}/ui/")).status == 403
     assert [e for e in browsing.errors if "403" not in e] == []
+
+
+async def test_labelling_through_the_form_changes_the_models_accuracy(service, client, browsing):
+    page = browsing.page
+    right, wrong = upload(client, 6, wait=True), upload(client, 7, wait=True)
+    sha = right["model"]["sha256"]
+    for made, label in ((right, right["likely_class"]), (wrong, (wrong["likely_class"] + 1) % 10)):
+        await page.goto(f"{service.url}/ui/prediction/{made['prediction_id']}")
+        await page.get_by_label("Label", exact=True).select_option(str(label))
+        await page.get_by_label("Note").fill("checked by hand")
+        await page.get_by_role("button", name="Record label").click()
+        await expect(page.locator("dl")).to_contain_text(f"{label} (" + ("correct" if made is right else "wrong"))
+    labels = client.get(f"/prediction/{wrong['prediction_id']}/labels").json()
+    assert labels[-1]["note"] == "checked by hand" and labels[-1]["source"] == "console"
+
+    expected = client.get(f"/models/{sha}/quality").json()["report"]
+    await page.goto(f"{service.url}/ui/models")
+    await page.get_by_role("link", name=re.compile(right["model"]["name"])).click()
+    await expect(page.locator("#accuracy")).to_have_text(f"{expected['accuracy'] * 100:.1f}%")
+    assert 0 < expected["accuracy"] < 1 and expected["labelled"] >= 2
+    await screenshots(page, "model")
+    assert await serious_accessibility_violations(page) == []
+    await page.goto(f"{service.url}/ui/models")
+    await screenshots(page, "models")
+    assert await serious_accessibility_violations(page) == []
+    assert browsing.errors == []
+
+
+def test_exports_stream_everything_the_filter_matches(service, client):
+    for i in range(8):
+        upload(client, i)
+    everything = []
+    cursor = None
+    while True:
+        page = client.get("/predictions/", params={"limit": 3, **({"cursor": cursor} if cursor else {})}).json()
+        everything += page["items"]
+        if not (cursor := page["next_cursor"]):
+            break
+    wanted = everything[0]["likely_class"]
+    matching = [p["prediction_id"] for p in everything if p["likely_class"] == wanted]
+    csv_rows = client.get("/ui/export/csv", params={"class": str(wanted), "model": "", "labelled": ""}).text.splitlines()
+    assert csv_rows[0].startswith("prediction_id,recorded_at,status,likely_class")
+    assert [row.split(",")[0] for row in csv_rows[1:]] == matching
+    ndjson = [json.loads(line) for line in client.get("/ui/export/ndjson").text.splitlines()]
+    assert [p["prediction_id"] for p in ndjson] == [p["prediction_id"] for p in everything]
+    assert client.get("/ui/export/xlsx").status_code == 404
