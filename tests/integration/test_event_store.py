@@ -12,6 +12,7 @@ import msgspec
 import pytest
 
 from db.store import (
+    AppendRequest,
     EventTooLarge,
     APPEND_LOCK_KEY,
     NOTIFY_CHANNEL,
@@ -23,7 +24,7 @@ from db.store import (
     VersionConflict,
 )
 from domain.chain import GENESIS_HASH, MAX_PAYLOAD_BYTES, ChainedRecord, find_break, link, to_microseconds
-from domain.events import PredictionMade, PredictionRequested
+from domain.events import GroundTruthRecorded, PredictionMade, PredictionRequested
 from tests.factories import prediction_request
 
 
@@ -413,3 +414,21 @@ async def test_the_events_table_itself_refuses_an_event_too_large_for_a_log_entr
             " recorded_at, hash) VALUES (1, gen_random_uuid(), 1, 'Big', 1, $1::json, '{}', now(), $2)",
             '"' + "x" * 65_300 + '"', bytes(32),
         )
+
+
+async def test_a_group_that_names_one_stream_several_times_sees_its_own_earlier_requests(app_pool, owner):
+    """append_events looks every stored version up at once; a stream named again later in the same
+    group is checked against what the group itself appended before it."""
+    store = EventStore(app_pool)
+    (first,) = await store.append([prediction_request()])
+    stream = first.stream_id
+    label = lambda n: AppendRequest(stream_id=stream, expected_version=n,  # noqa: E731
+                                    events=[GroundTruthRecorded(label=n % 10, source="group")])
+    others = [prediction_request() for _ in range(3)]
+    outcomes = await store.append([label(2), others[0], label(3), label(2), others[1], label(4), others[2]])
+    kinds = [type(o).__name__ for o in outcomes]
+    assert kinds == ["Committed", "Committed", "Committed", "VersionConflict", "Committed", "Committed", "Committed"]
+    assert outcomes[3].actual == 4
+    versions = [r["stream_version"] for r in await owner.fetch(
+        "SELECT stream_version FROM events WHERE stream_id = $1 ORDER BY position", stream)]
+    assert versions == [1, 2, 3, 4, 5]
