@@ -153,8 +153,21 @@ async def list_predictions(
     position of the last item when there is a further page, None otherwise."""
     if limit < 1:
         raise ValueError("limit must be at least 1")
-    # The WHERE clause names only the filters given (values stay parameters): a generic
-    # `$n IS NULL OR …` would keep the planner from the index that serves each filter.
+    where, arguments = _where(before_position, likely_class, model_version, since, until, labelled, correct)
+    arguments.append(limit + 1)
+    rows = await conn.fetch(f"{_VIEW_SELECT}{where} ORDER BY p.position DESC LIMIT ${len(arguments)}", *arguments)
+    views = [_view(row) for row in rows[:limit]]
+    next_cursor = views[-1].position if len(rows) > limit else None
+    return views, next_cursor
+
+
+def _where(
+    before_position: int | None, likely_class: int | None, model_version: str | None, since: datetime | None,
+    until: datetime | None, labelled: bool | None, correct: bool | None,
+) -> tuple[str, list[Any]]:
+    """The list's filters over `public.predictions AS p`. The WHERE clause names only the filters
+    given (values stay parameters): a generic `$n IS NULL OR …` would keep the planner from the
+    index that serves each filter."""
     conditions: list[str] = []
     arguments: list[Any] = []
     for clause, value in (
@@ -171,12 +184,30 @@ async def list_predictions(
         conditions.append("p.label IS NOT NULL" if labelled else "p.label IS NULL")
     if correct is not None:  # only made predictions with a current label are correct or not
         conditions.append("p.status = 'made' AND p.label " + ("= p.likely_class" if correct else "<> p.likely_class"))
-    where = (" WHERE " + " AND ".join(conditions)) if conditions else ""
-    arguments.append(limit + 1)
-    rows = await conn.fetch(f"{_VIEW_SELECT}{where} ORDER BY p.position DESC LIMIT ${len(arguments)}", *arguments)
-    views = [_view(row) for row in rows[:limit]]
-    next_cursor = views[-1].position if len(rows) > limit else None
-    return views, next_cursor
+    return (" WHERE " + " AND ".join(conditions)) if conditions else "", arguments
+
+
+class PredictionCounts(msgspec.Struct, frozen=True):
+    total: int
+    failed: int
+    labelled: int
+    correct: int
+
+
+async def count_predictions(
+    conn: Queryable, *, likely_class: int | None = None, model_version: str | None = None,
+    since: datetime | None = None, until: datetime | None = None, labelled: bool | None = None,
+    correct: bool | None = None,
+) -> PredictionCounts:
+    """How many predictions the list's filters match, and of those how many failed, are labelled
+    and are correct: the counts above the console's table."""
+    where, arguments = _where(None, likely_class, model_version, since, until, labelled, correct)
+    row = await conn.fetchrow(
+        "SELECT count(*), count(*) FILTER (WHERE p.status = 'failed'), count(p.label),"
+        f" count(*) FILTER (WHERE p.status = 'made' AND p.label = p.likely_class) FROM public.predictions AS p{where}",
+        *arguments,
+    )
+    return PredictionCounts(*row)
 
 
 def prediction_view_from_events(events: Sequence[StoredEvent], *, erased: bool = False) -> PredictionView | None:

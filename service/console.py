@@ -220,6 +220,22 @@ async def prediction_rows(
     return page("rows.html", request, who, rows=rows)
 
 
+@get("/ui/counts", include_in_schema=False)
+async def prediction_counts(
+    request: Request, services: ServicesDependency,
+    likely_class: Annotated[str | None, Parameter(query="class", pattern=r"^[0-9]{0,7}$", required=False)] = None,
+    labelled: Annotated[str | None, Parameter(pattern="^(|yes|no)$", required=False)] = None,
+    correct: Annotated[str | None, Parameter(pattern="^(|yes|no)$", required=False)] = None,
+    model_version: Annotated[str | None, Parameter(query="model", required=False)] = None,
+) -> Template:
+    """The counts above the table, for the active filter: loaded after the page (a count over a
+    large log must not slow the first rows down) and refreshed with them."""
+    who = viewer(request, services)
+    async with services.reading() as connection:
+        counts = await queries.count_predictions(connection, **_filters(likely_class, labelled, correct, model_version))
+    return page("counts.html", request, who, counts=counts)
+
+
 @get("/ui/prediction/{prediction_id:uuid}", include_in_schema=False)
 async def prediction_page(request: Request, services: ServicesDependency, prediction_id: UUID,
                           error: Annotated[str | None, Parameter(max_length=300, required=False)] = None) -> Template:
@@ -406,7 +422,7 @@ def _to_login(request: Request, _: LoginRequired) -> Response[Any]:
 CONSOLE = Router(
     path="/",
     route_handlers=[
-        root, login_form, login, logout, predictions_page, prediction_rows, prediction_page, prediction_events,
+        root, login_form, login, logout, predictions_page, prediction_rows, prediction_counts, prediction_page, prediction_events,
         input_image, label, models_page, model_page, export, log_page,
         create_static_files_router(path="/ui/static", directories=[STATIC], name="console-static",
                                    include_in_schema=False, cache_control=None),

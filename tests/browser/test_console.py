@@ -45,6 +45,8 @@ async def test_new_predictions_appear_without_a_reload_and_filters_narrow_the_ta
     await expect(page).to_have_url(re.compile(rf"class={wanted}"))
     classes = await page.locator("#rows tr td:nth-child(3)").all_inner_texts()
     assert classes and all(text.strip() == str(wanted) for text in classes)
+    listed = client.get("/predictions/", params={"class": wanted, "limit": 500}).json()["items"]
+    await expect(page.locator("#counts")).to_contain_text(f"{len(listed)} matching: {len(listed)} made, 0 failed")
     await screenshots(page, "predictions")
     assert await serious_accessibility_violations(page) == []
     assert browsing.errors == []
