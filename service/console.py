@@ -30,6 +30,7 @@ from uuid import UUID
 import msgspec
 from litestar import Request, Response, Router, get, post
 from litestar.datastructures import Cookie
+from litestar.di import Provide
 from litestar.enums import RequestEncodingType
 from litestar.params import Body, Parameter
 from litestar.response import Redirect, Stream, Template
@@ -170,15 +171,22 @@ async def logout(request: Request, services: ServicesDependency,
 # ---- predictions -----------------------------------------------------------------------------------
 
 
-def _filters(likely_class: str | None, labelled: str | None, correct: str | None, model_version: str | None) -> dict:
-    """The list's filters from the form: an empty field means any (a form sends every field)."""
+def list_filters(
+    likely_class: Annotated[str | None, Parameter(query="class", pattern=r"^[0-9]{0,7}$", required=False)] = None,
+    labelled: Annotated[str | None, Parameter(pattern="^(|yes|no)$", required=False)] = None,
+    correct: Annotated[str | None, Parameter(pattern="^(|yes|no)$", required=False)] = None,
+    model_version: Annotated[str | None, Parameter(query="model", required=False)] = None,
+) -> dict[str, Any]:
+    """The list's filters from the query (the form's fields): an empty field means any, as a form
+    sends every field. One dependency for the page, its live rows, its counts and its exports."""
+
     def flag(value: str | None) -> bool | None:
         return {"yes": True, "no": False}.get(value or "")
 
     if model_version is not None and ("\x00" in model_version or len(model_version) > 200):
         raise Problem(400, "bad_parameter", "`model_version` is at most 200 characters, without NUL")
-    return {"likely_class": int(likely_class) if likely_class else None, "labelled": flag(labelled), "correct": flag(correct),
-            "model_version": model_version or None}
+    return {"likely_class": int(likely_class) if likely_class else None, "labelled": flag(labelled),
+            "correct": flag(correct), "model_version": model_version or None}
 
 
 async def _rows(services: ServicesDependency, filters: dict, before: int | None, limit: int = 50
@@ -191,48 +199,34 @@ async def _rows(services: ServicesDependency, filters: dict, before: int | None,
 
 @get("/ui/", include_in_schema=False)
 async def predictions_page(
-    request: Request, services: ServicesDependency,
-    likely_class: Annotated[str | None, Parameter(query="class", pattern=r"^[0-9]{0,7}$", required=False)] = None,
-    labelled: Annotated[str | None, Parameter(pattern="^(|yes|no)$", required=False)] = None,
-    correct: Annotated[str | None, Parameter(pattern="^(|yes|no)$", required=False)] = None,
-    model_version: Annotated[str | None, Parameter(query="model", required=False)] = None,
+    request: Request, services: ServicesDependency, filters: dict[str, Any],
     cursor: Annotated[int | None, Parameter(ge=0, le=2**63 - 1, required=False)] = None,
 ) -> Template:
     who = viewer(request, services)
-    filters = _filters(likely_class, labelled, correct, model_version)
     rows, next_cursor = await _rows(services, filters, cursor)
+    shown = {True: "yes", False: "no", None: ""}
+    form = {"class": "" if filters["likely_class"] is None else filters["likely_class"],
+            "labelled": shown[filters["labelled"]], "correct": shown[filters["correct"]],
+            "model": filters["model_version"] or ""}
     return page("predictions.html", request, who, rows=rows, next_cursor=next_cursor, cursor=cursor,
-                query=request.url.query or "", form={"class": likely_class or "", "labelled": labelled or "",
-                                                     "correct": correct or "", "model": model_version or ""})
+                query=request.url.query or "", form=form)
 
 
 @get("/ui/rows", include_in_schema=False)
-async def prediction_rows(
-    request: Request, services: ServicesDependency,
-    likely_class: Annotated[str | None, Parameter(query="class", pattern=r"^[0-9]{0,7}$", required=False)] = None,
-    labelled: Annotated[str | None, Parameter(pattern="^(|yes|no)$", required=False)] = None,
-    correct: Annotated[str | None, Parameter(pattern="^(|yes|no)$", required=False)] = None,
-    model_version: Annotated[str | None, Parameter(query="model", required=False)] = None,
-) -> Template:
+async def prediction_rows(request: Request, services: ServicesDependency, filters: dict[str, Any]) -> Template:
     """The first page's rows, for htmx to swap in: new predictions appear without a reload."""
     who = viewer(request, services)
-    rows, _ = await _rows(services, _filters(likely_class, labelled, correct, model_version), None)
+    rows, _ = await _rows(services, filters, None)
     return page("rows.html", request, who, rows=rows)
 
 
 @get("/ui/counts", include_in_schema=False)
-async def prediction_counts(
-    request: Request, services: ServicesDependency,
-    likely_class: Annotated[str | None, Parameter(query="class", pattern=r"^[0-9]{0,7}$", required=False)] = None,
-    labelled: Annotated[str | None, Parameter(pattern="^(|yes|no)$", required=False)] = None,
-    correct: Annotated[str | None, Parameter(pattern="^(|yes|no)$", required=False)] = None,
-    model_version: Annotated[str | None, Parameter(query="model", required=False)] = None,
-) -> Template:
+async def prediction_counts(request: Request, services: ServicesDependency, filters: dict[str, Any]) -> Template:
     """The counts above the table, for the active filter: loaded after the page (a count over a
     large log must not slow the first rows down) and refreshed with them."""
     who = viewer(request, services)
     async with services.reading() as connection:
-        counts = await queries.count_predictions(connection, **_filters(likely_class, labelled, correct, model_version))
+        counts = await queries.count_predictions(connection, **filters)
     return page("counts.html", request, who, counts=counts)
 
 
@@ -343,19 +337,11 @@ async def model_page(request: Request, services: ServicesDependency, sha256: str
 
 
 @get("/ui/export/{kind:str}", include_in_schema=False)
-async def export(
-    request: Request, services: ServicesDependency, kind: str,
-    likely_class: Annotated[str | None, Parameter(query="class", pattern=r"^[0-9]{0,7}$", required=False)] = None,
-    labelled: Annotated[str | None, Parameter(pattern="^(|yes|no)$", required=False)] = None,
-    correct: Annotated[str | None, Parameter(pattern="^(|yes|no)$", required=False)] = None,
-    model_version: Annotated[str | None, Parameter(query="model", required=False)] = None,
-) -> Stream:
+async def export(request: Request, services: ServicesDependency, kind: str, filters: dict[str, Any]) -> Stream:
     """Everything the filter matches (not only the page on screen), streamed page by page."""
     viewer(request, services)
     if kind not in ("csv", "ndjson"):
         raise Problem(404, "no_such_export", "exports are .csv or .ndjson")
-    filters = _filters(likely_class, labelled, correct, model_version)
-
     async def lines() -> AsyncIterator[bytes]:
         if kind == "csv":
             yield (",".join(EXPORT_COLUMNS) + "\r\n").encode()
@@ -428,5 +414,6 @@ CONSOLE = Router(
                                    include_in_schema=False, cache_control=None),
     ],
     exception_handlers={LoginRequired: _to_login},
+    dependencies={"filters": Provide(list_filters, sync_to_thread=False)},
     include_in_schema=False,
 )
