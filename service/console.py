@@ -90,9 +90,11 @@ def _key_of_session(keys: ApiKeys, value: str | None) -> ApiKey | None:
     if not value or value.count(".") != 2:
         return None
     digest_hex, expires, signature = value.split(".")
-    if not hmac.compare_digest(signature, _sign(keys, f"{digest_hex}.{expires}")):
+    # Bytes, not str: compare_digest refuses non-ASCII str, and a cookie is the client's to choose.
+    expected = _sign(keys, f"{digest_hex}.{expires}").encode()
+    if not hmac.compare_digest(signature.encode("utf-8", "surrogateescape"), expected):
         return None
-    if not expires.isdigit() or int(expires) < time.time():
+    if not re.fullmatch(r"[0-9]{1,12}", expires) or int(expires) < time.time():
         return None
     try:
         return keys.get(bytes.fromhex(digest_hex))
@@ -128,13 +130,19 @@ def page(name: str, request: Request, who: Viewer | None, **context: Any) -> Tem
 
 def check_csrf(request: Request, form: dict[str, str]) -> None:
     expected = request.cookies.get(CSRF)
-    if not expected or not hmac.compare_digest(expected, form.get("csrf", "")):
+    given = form.get("csrf", "").encode("utf-8", "surrogateescape")
+    if not expected or not hmac.compare_digest(expected.encode("utf-8", "surrogateescape"), given):
         raise Problem(403, "csrf", "the form is stale or was not sent by this site; reload the page")
 
 
 @get("/", include_in_schema=False)
 async def root() -> Redirect:
     return Redirect("/ui/")
+
+
+@get("/favicon.ico", include_in_schema=False, status_code=204)
+async def favicon() -> None:
+    """Browsers ask for it on any page, JSON answers included: nothing, rather than a 404 each time."""
 
 
 # ---- login ---------------------------------------------------------------------------------------
@@ -408,7 +416,7 @@ def _to_login(request: Request, _: LoginRequired) -> Response[Any]:
 CONSOLE = Router(
     path="/",
     route_handlers=[
-        root, login_form, login, logout, predictions_page, prediction_rows, prediction_counts, prediction_page, prediction_events,
+        root, favicon, login_form, login, logout, predictions_page, prediction_rows, prediction_counts, prediction_page, prediction_events,
         input_image, label, models_page, model_page, export, log_page,
         create_static_files_router(path="/ui/static", directories=[STATIC], name="console-static",
                                    include_in_schema=False, cache_control=None),

@@ -194,3 +194,14 @@ def test_exports_stream_everything_the_filter_matches(service, client):
     ndjson = [json.loads(line) for line in client.get("/ui/export/ndjson").text.splitlines()]
     assert [p["prediction_id"] for p in ndjson] == [p["prediction_id"] for p in everything]
     assert client.get("/ui/export/xlsx").status_code == 404
+
+
+def test_forged_cookies_and_tokens_that_are_not_ascii_are_refused_not_errors(start_service):
+    keyed = start_service(API_KEYS="auditor@audit-key:read")
+    with httpx.Client(base_url=keyed.url, follow_redirects=False) as http:
+        for cookie in ("ü.1.ü", "00.²³.x", "a.b", "%%%"):
+            answer = http.get("/ui/", headers={"Cookie": f"console_session={cookie}".encode("latin-1")})
+            assert answer.status_code == 303 and answer.headers["location"] == "/ui/login", cookie
+        answer = http.post("/ui/login", data={"key": "audit-key", "csrf": "ü"},
+                           headers={"Cookie": "console_csrf=ä".encode("latin-1")})
+        assert answer.status_code == 403 and answer.headers["content-type"] == "application/problem+json"
