@@ -20,6 +20,7 @@ import msgspec
 
 from db.store import StoredEvent
 from domain.labels import is_correct
+from projections.quality import confidence_sql
 from projections.read_model import READ_MODEL, TRACKING_TABLE
 from projections.rows import (
     InputRow,
@@ -148,12 +149,15 @@ async def list_predictions(
     until: datetime | None = None,
     labelled: bool | None = None,
     correct: bool | None = None,
+    confidence_below: float | None = None,
 ) -> tuple[list[PredictionView], int | None]:
-    """Newest first (by position). `since` is inclusive, `until` exclusive. The cursor is the
-    position of the last item when there is a further page, None otherwise."""
+    """Newest first (by position). `since` is inclusive, `until` exclusive; `confidence_below`
+    keeps made predictions whose top confidence is under it. The cursor is the position of the
+    last item when there is a further page, None otherwise."""
     if limit < 1:
         raise ValueError("limit must be at least 1")
-    where, arguments = _where(before_position, likely_class, model_version, since, until, labelled, correct)
+    where, arguments = _where(before_position, likely_class, model_version, since, until, labelled, correct,
+                              confidence_below)
     arguments.append(limit + 1)
     rows = await conn.fetch(f"{_VIEW_SELECT}{where} ORDER BY p.position DESC LIMIT ${len(arguments)}", *arguments)
     views = [_view(row) for row in rows[:limit]]
@@ -163,7 +167,7 @@ async def list_predictions(
 
 def _where(
     before_position: int | None, likely_class: int | None, model_version: str | None, since: datetime | None,
-    until: datetime | None, labelled: bool | None, correct: bool | None,
+    until: datetime | None, labelled: bool | None, correct: bool | None, confidence_below: float | None,
 ) -> tuple[str, list[Any]]:
     """The list's filters over `public.predictions AS p`. The WHERE clause names only the filters
     given (values stay parameters): a generic `$n IS NULL OR …` would keep the planner from the
@@ -176,6 +180,7 @@ def _where(
         ("p.model_version = ${}", model_version),
         ("p.recorded_at >= ${}", since),
         ("p.recorded_at < ${}", until),
+        (f"{confidence_sql('p.output')} < ${{}}", confidence_below),
     ):
         if value is not None:
             arguments.append(value)
@@ -197,11 +202,11 @@ class PredictionCounts(msgspec.Struct, frozen=True):
 async def count_predictions(
     conn: Queryable, *, likely_class: int | None = None, model_version: str | None = None,
     since: datetime | None = None, until: datetime | None = None, labelled: bool | None = None,
-    correct: bool | None = None,
+    correct: bool | None = None, confidence_below: float | None = None,
 ) -> PredictionCounts:
     """How many predictions the list's filters match, and of those how many failed, are labelled
     and are correct: the counts above the console's table."""
-    where, arguments = _where(None, likely_class, model_version, since, until, labelled, correct)
+    where, arguments = _where(None, likely_class, model_version, since, until, labelled, correct, confidence_below)
     row = await conn.fetchrow(
         "SELECT count(*), count(*) FILTER (WHERE p.status = 'failed'), count(p.label),"
         f" count(*) FILTER (WHERE p.status = 'made' AND p.label = p.likely_class) FROM public.predictions AS p{where}",
@@ -300,3 +305,47 @@ async def lag(conn: Queryable, name: str = READ_MODEL) -> Lag:
         name,
     )
     return Lag(events=max(0, row["events"]), seconds=max(0.0, row["seconds"]))
+
+
+class Percentiles(msgspec.Struct, frozen=True):
+    p50: float | None
+    p90: float | None
+    p99: float | None
+
+
+class ModelLatency(msgspec.Struct, frozen=True):
+    """Inference and queue-wait times as recorded in a model's latest PredictionMade events."""
+
+    sample: int
+    inference_ms: Percentiles
+    queue_wait_ms: Percentiles
+    batch_size: Percentiles
+
+
+async def model_latency(conn: Queryable, model_sha256: str, *, last: int = 2000) -> ModelLatency:
+    """Percentiles over the model's `last` made predictions: the read table finds them (newest
+    first), the events carry the timings (each event by its primary key)."""
+    row = await conn.fetchrow(
+        """
+        WITH recent AS (
+            SELECT position FROM public.predictions
+            WHERE model_sha256 = $1 AND status = 'made' ORDER BY position DESC LIMIT $2
+        ), timings AS (
+            SELECT (e.data->>'inference_ms')::float8 AS inference, (e.data->>'queue_wait_ms')::float8 AS wait,
+                   (e.data->>'batch_size')::float8 AS batch
+            FROM recent JOIN events AS e USING (position)
+        )
+        SELECT count(*) AS n,
+               percentile_cont(ARRAY[0.5, 0.9, 0.99]) WITHIN GROUP (ORDER BY inference) AS inference,
+               percentile_cont(ARRAY[0.5, 0.9, 0.99]) WITHIN GROUP (ORDER BY wait) AS wait,
+               percentile_cont(ARRAY[0.5, 0.9, 0.99]) WITHIN GROUP (ORDER BY batch) AS batch
+        FROM timings
+        """,
+        model_sha256, last,
+    )
+
+    def percentiles(values: Sequence[float] | None) -> Percentiles:
+        return Percentiles(*(values or (None, None, None)))
+
+    return ModelLatency(sample=row["n"], inference_ms=percentiles(row["inference"]),
+                        queue_wait_ms=percentiles(row["wait"]), batch_size=percentiles(row["batch"]))

@@ -21,7 +21,7 @@ import re
 import secrets
 import time
 from collections.abc import AsyncIterator
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlencode
@@ -40,6 +40,7 @@ from domain.event_lines import EventLine
 from domain.rejections import Rejected
 from infra.settings import ApiKey, ApiKeys
 from projections import quality, queries, tree_store
+from service import charts
 from service.bootstrap import ServicesDependency
 from service.checkpoint_wait import b64
 from service.problems import Problem
@@ -184,9 +185,14 @@ def list_filters(
     labelled: Annotated[str | None, Parameter(pattern="^(|yes|no)$", required=False)] = None,
     correct: Annotated[str | None, Parameter(pattern="^(|yes|no)$", required=False)] = None,
     model_version: Annotated[str | None, Parameter(query="model", required=False)] = None,
+    since: Annotated[str | None, Parameter(required=False)] = None,
+    until: Annotated[str | None, Parameter(required=False)] = None,
+    confidence_below: Annotated[str | None, Parameter(query="below", pattern=r"^(|0(\.[0-9]{1,17})?|1(\.0{1,17})?)$",
+                                                      required=False)] = None,
 ) -> dict[str, Any]:
     """The list's filters from the query (the form's fields): an empty field means any, as a form
-    sends every field. One dependency for the page, its live rows, its counts and its exports."""
+    sends every field. Times are UTC (a `datetime-local` field has no zone). One dependency for
+    the page, its live rows, its counts and its exports."""
 
     def flag(value: str | None) -> bool | None:
         return {"yes": True, "no": False}.get(value or "")
@@ -194,7 +200,18 @@ def list_filters(
     if model_version is not None and ("\x00" in model_version or len(model_version) > 200):
         raise Problem(400, "bad_parameter", "`model_version` is at most 200 characters, without NUL")
     return {"likely_class": int(likely_class) if likely_class else None, "labelled": flag(labelled),
-            "correct": flag(correct), "model_version": model_version or None}
+            "correct": flag(correct), "model_version": model_version or None, "since": _utc("since", since),
+            "until": _utc("until", until), "confidence_below": float(confidence_below) if confidence_below else None}
+
+
+def _utc(name: str, text: str | None) -> datetime | None:
+    if not text:
+        return None
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise Problem(400, "bad_parameter", f"`{name}` is a date and time, e.g. 2026-12-03T14:00") from None
+    return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment.astimezone(timezone.utc)
 
 
 async def _rows(services: ServicesDependency, filters: dict, before: int | None, limit: int = 50
@@ -206,6 +223,52 @@ async def _rows(services: ServicesDependency, filters: dict, before: int | None,
 
 
 @get("/ui/", include_in_schema=False)
+async def overview_page(request: Request, services: ServicesDependency) -> Template:
+    """The landing page: this node's last hour minute by minute, the log's last day hour by hour."""
+    who = viewer(request, services)
+    minutes = services.metrics.recent.last_hour()
+    labels = [datetime.fromtimestamp(m.start_s, timezone.utc).strftime("%H:%M") for m in minutes]
+    node = {
+        "throughput": charts.lines(
+            "Uploads per minute (this node)", "Uploads answered by this node in each of the last 60 minutes",
+            labels, {"uploads": [m.uploads for m in minutes], "5xx": [m.server_errors for m in minutes]}),
+        "latency": charts.lines(
+            "Upload latency, ms (this node)", "Median and 99th percentile upload latency per minute",
+            labels, {"p50": [m.upload_p50_ms for m in minutes], "p99": [m.upload_p99_ms for m in minutes]}),
+        "uploads": sum(m.uploads for m in minutes), "requests": sum(m.requests for m in minutes),
+        "client_errors": sum(m.client_errors for m in minutes),
+        "server_errors": sum(m.server_errors for m in minutes), "overloaded": sum(m.overloaded for m in minutes),
+    }
+    now = datetime.now(timezone.utc)
+    until = now.replace(minute=0, second=0, microsecond=0) + timedelta(hours=1)
+    since = until - timedelta(hours=24)
+    hours = [since + timedelta(hours=h) for h in range(24)]
+    made, failed, used = [0] * 24, [0] * 24, []
+    async with services.reading() as connection:
+        await wait_for_projection(connection, services.settings.read_your_writes_timeout_s)
+        lag = await queries.lag(connection)
+        position = await queries.tracked_position(connection)
+        for entry in await quality.models(connection):
+            if entry.last_used is None or entry.last_used < since:
+                continue
+            buckets = await quality.bucket_counts(connection, entry.sha256, entry.num_classes, position=position,
+                                                  current=True, since=since, until=until, bucket="hour")
+            for b in buckets:
+                slot = hours.index(b.start.replace(tzinfo=timezone.utc))
+                made[slot] += b.counts.predictions
+                failed[slot] += b.counts.failed
+            total = quality.total(buckets, entry.num_classes)
+            used.append({"model": entry, "classes": total.predicted_class_counts,
+                         "peak": max(total.predicted_class_counts, default=0), "made": total.predictions,
+                         "failed": total.failed})
+    day = charts.stacked_bars("Predictions per hour (every node)", "Made and failed predictions in each of the last 24 hours",
+                              [h.strftime("%H:00") for h in hours], list(zip(made, failed, strict=True)),
+                              ["made", "failed"])
+    return page("overview.html", request, who, node=node, day=day, used=used, lag=lag, position=position,
+                made=sum(made), failed=sum(failed))
+
+
+@get("/ui/predictions", include_in_schema=False)
 async def predictions_page(
     request: Request, services: ServicesDependency, filters: dict[str, Any],
     cursor: Annotated[int | None, Parameter(ge=0, le=2**63 - 1, required=False)] = None,
@@ -213,11 +276,18 @@ async def predictions_page(
     who = viewer(request, services)
     rows, next_cursor = await _rows(services, filters, cursor)
     shown = {True: "yes", False: "no", None: ""}
+
+    def local(moment: datetime | None) -> str:
+        return moment.strftime("%Y-%m-%dT%H:%M") if moment else ""
+
     form = {"class": "" if filters["likely_class"] is None else filters["likely_class"],
             "labelled": shown[filters["labelled"]], "correct": shown[filters["correct"]],
-            "model": filters["model_version"] or ""}
+            "model": filters["model_version"] or "", "since": local(filters["since"]),
+            "until": local(filters["until"]),
+            "below": "" if filters["confidence_below"] is None else repr(filters["confidence_below"])}
+    query = urlencode([(k, v) for k, v in request.query_params.multi_items() if k != "cursor"])
     return page("predictions.html", request, who, rows=rows, next_cursor=next_cursor, cursor=cursor,
-                query=request.url.query or "", form=form)
+                query=query, form=form)
 
 
 @get("/ui/rows", include_in_schema=False)
@@ -333,11 +403,34 @@ async def model_page(request: Request, services: ServicesDependency, sha256: str
     async with services.reading() as connection:  # a label recorded a moment ago counts
         await wait_for_projection(connection, services.settings.read_your_writes_timeout_s)
     measured = await measure(services, sha256)
+    async with services.reading() as connection:
+        latency = await queries.model_latency(connection, sha256)
     counts = measured.counts
     top = max((n for row in measured.confusion for n in row), default=0)
     shade = [[(0 if not top else min(9, round(9 * n / top))) for n in row] for row in measured.confusion]
     peak = max(counts.predicted_class_counts, default=0)
-    return page("model.html", request, who, q=measured, shade=shade, peak=peak,
+    days = [b.start.strftime("%m-%d") for b in measured.series]
+    classes = [str(k) for k in range(measured.model.num_classes)]
+    graphs = {
+        "quality": charts.lines(
+            "Accuracy and label coverage per day", "The share of labelled predictions that were right, and the "
+            "share of predictions that have a label, each day", days,
+            {"accuracy": [b.accuracy for b in measured.series], "coverage": [b.label_coverage for b in measured.series]},
+            top=1.0, percent=True),
+        "classes": charts.stacked_bars(
+            "Predicted classes per day", "How many predictions of each class the model made each day", days,
+            [b.predicted_class_counts for b in measured.series], classes),
+        "drift": charts.lines(
+            "Drift per day against the reference (PSI)", "Population stability index of each day's predicted "
+            "classes and top confidences against the reference window", days,
+            {"classes": [b.predicted_class_psi for b in measured.series],
+             "confidence": [b.confidence_psi for b in measured.series]}),
+        "calibration": charts.reliability(
+            "Calibration: accuracy against confidence", "For each confidence bin with labels, the mean top "
+            "confidence against the share that was right; a calibrated model follows the diagonal",
+            [(b.mean_confidence, b.accuracy) for b in measured.calibration]),
+    }
+    return page("model.html", request, who, q=measured, shade=shade, peak=peak, graphs=graphs, latency=latency,
                 series_peak=max((b.predictions for b in measured.series), default=0))
 
 
@@ -416,7 +509,7 @@ def _to_login(request: Request, _: LoginRequired) -> Response[Any]:
 CONSOLE = Router(
     path="/",
     route_handlers=[
-        root, favicon, login_form, login, logout, predictions_page, prediction_rows, prediction_counts, prediction_page, prediction_events,
+        root, favicon, login_form, login, logout, overview_page, predictions_page, prediction_rows, prediction_counts, prediction_page, prediction_events,
         input_image, label, models_page, model_page, export, log_page,
         create_static_files_router(path="/ui/static", directories=[STATIC], name="console-static",
                                    include_in_schema=False, cache_control=None),

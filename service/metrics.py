@@ -11,6 +11,8 @@ from prometheus_client import (
     generate_latest,
 )
 
+from service.activity import RecentActivity
+
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
@@ -20,6 +22,7 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self.recent = RecentActivity()  # the console's last hour, minute by minute
         r = self.registry
         GCCollector(registry=r)  # python_gc_collections_total{generation}: collector work under load
         self.requests = Counter(

@@ -58,6 +58,7 @@ class Observed:
             method = scope["method"] if scope["method"] in _METHODS else "OTHER"
             self.metrics.requests.labels(method, route, str(status)).inc()
             self.metrics.latency.labels(method, route).observe(elapsed)
+            self.metrics.recent.observe(route, status, elapsed)
             if status >= 500 or self.log.isEnabledFor(logging.DEBUG):
                 self.log.info(
                     "%s %s %d", method, route, status,

@@ -43,6 +43,9 @@ class BucketQuality(msgspec.Struct, frozen=True):
     correct: int
     accuracy: float | None
     label_coverage: float | None
+    predicted_class_counts: list[int]
+    predicted_class_psi: float | None  # this bucket's predicted classes against the reference window
+    confidence_psi: float | None
 
 
 class Window(msgspec.Struct, frozen=True):
@@ -137,7 +140,7 @@ async def measure(
     return ModelQuality(
         model=entry, as_of_position=position, window=Window(since=_shown(since), until=_shown(until)),
         bucket=bucket, report=quality_report(counts), confusion=counts.confusion,
-        calibration=_calibration(counts), series=[_series(b) for b in buckets],
+        calibration=_calibration(counts), series=[_series(b, reference) for b in buckets],
         drift=DriftAnswer(reference=Window(since=reference_since, until=reference_until),
                           measures=drift(reference, counts)),
         counts=counts,
@@ -157,12 +160,15 @@ def _calibration(counts: QualityCounts) -> list[CalibrationBin]:
     return bins
 
 
-def _series(b: quality.BucketCounts) -> BucketQuality:
+def _series(b: quality.BucketCounts, reference: QualityCounts) -> BucketQuality:
     c = b.counts
+    moved = drift(reference, c)
     return BucketQuality(
         start=b.start.replace(tzinfo=timezone.utc), predictions=c.predictions, failed=c.failed, labelled=c.labelled,
         correct=c.correct, accuracy=c.correct / c.labelled if c.labelled else None,
         label_coverage=c.labelled / c.predictions if c.predictions else None,
+        predicted_class_counts=list(c.predicted_class_counts), predicted_class_psi=moved.predicted_class_psi,
+        confidence_psi=moved.confidence_psi,
     )
 
 

@@ -126,6 +126,7 @@ async def list_predictions(
     until: Annotated[datetime | None, QueryParameter(description="Created before (ISO 8601)")] = None,
     labelled: Annotated[bool | None, QueryParameter(description="Only predictions with (true) or without (false) a current label")] = None,
     correct: Annotated[bool | None, QueryParameter(description="Only labelled made predictions the model got right (true) or wrong (false)")] = None,
+    confidence_below: Annotated[float | None, QueryParameter(ge=0, le=1, description="Only made predictions whose top confidence is below this")] = None,
 ) -> PredictionPage:
     before = int(cursor) if cursor is not None else None
     if before is not None and before > MAX_BIGINT:
@@ -140,6 +141,7 @@ async def list_predictions(
         views, next_cursor = await queries.list_predictions(
             connection, limit=limit, before_position=before, likely_class=likely_class,
             model_version=model_version, since=since, until=until, labelled=labelled, correct=correct,
+            confidence_below=confidence_below,
         )
     return PredictionPage(
         items=[prediction_out(view) for view in views],
