@@ -32,8 +32,13 @@ def upload(client, index: int = 0, *, name: str | None = None, wait: bool = Fals
 async def test_new_predictions_appear_without_a_reload_and_filters_narrow_the_table(service, client, browsing):
     page = browsing.page
     upload(client, 0)
-    await page.goto(f"{service.url}/")  # the root redirects to the console
+    await page.goto(f"{service.url}/")  # the root redirects to the console's overview
     await expect(page).to_have_url(re.compile(r"/ui/$"))
+    await expect(page.get_by_role("heading", name="Overview", exact=True)).to_be_visible()
+    await screenshots(page, "overview")
+    assert await serious_accessibility_violations(page) == []
+    await page.get_by_role("link", name="Every prediction").click()
+    await expect(page).to_have_url(re.compile(r"/ui/predictions$"))
     rows = page.locator("#rows tr")
     before = await rows.count()
     made = upload(client, 1)
@@ -99,7 +104,7 @@ async def test_a_hostile_filename_is_text_and_runs_nothing(service, client, brow
     page = browsing.page
     hostile = "<img src=x onerror=alert(1)>.png"
     made = upload(client, 4, name=hostile)
-    await page.goto(f"{service.url}/ui/")
+    await page.goto(f"{service.url}/ui/predictions")
     await expect(page.get_by_text(hostile).first).to_be_visible(timeout=10_000)
     await page.goto(f"{service.url}/ui/prediction/{made['prediction_id']}")
     await expect(page.locator("figcaption")).to_have_text(hostile)
@@ -130,7 +135,7 @@ async def test_login_scopes_and_csrf(start_service, browsing):
     await expect(page.get_by_role("alert")).to_contain_text("not valid")
     await page.get_by_label("API key").fill("audit-key")
     await page.get_by_role("button", name="Log in").click()
-    await expect(page.get_by_role("heading", name="Predictions")).to_be_visible()
+    await expect(page.get_by_role("heading", name="Overview", exact=True)).to_be_visible()
     cookie = next(c for c in await page.context.cookies() if c["name"] == "console_session")
     assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
     csp = (await page.request.get(f"{keyed.url}/ui/")).headers["content-security-policy"]
