@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 
+import asyncpg
 import uvloop
 
 from infra.database import provision_database, start_or_locate_database
@@ -24,6 +26,7 @@ from projections.checkpoints import load_key, retired_keys
 from projections.rebuild import RebuildError, rebuild
 from projections.replay import replay
 from projections.verify import verify
+from usecases.audit_jobs import file_verdict
 
 
 async def run_rebuild(settings: Settings, args: argparse.Namespace) -> int:
@@ -56,16 +59,23 @@ async def run_verify(settings: Settings, args: argparse.Namespace) -> int:
         except (OSError, ValueError) as error:  # msgspec's errors are ValueErrors
             print(f"verify: cannot read the receipt {args.receipt}: {error}", file=sys.stderr)
             return 2
+    started_at = datetime.now(timezone.utc)
     report = await verify(target.owner_dsn, outside_checks=checks)
     print(report.describe())
     for note in notes:
         print(note)
+    verdict = (f"OK: {report.events:,} events up to position {report.head_position}, the read tables match a replay"
+               if report.ok else f"FAILED: {report.problem}")
+    try:  # the console's "last verification" is whichever ran last, by hand or on request
+        await file_verdict(target.owner_dsn, args.job, "verify", None, ok=report.ok, verdict=verdict,
+                           report={"verify": report, "notes": notes}, started_at=started_at)
+    except (OSError, asyncpg.PostgresError) as error:
+        print(f"verify: the result could not be recorded in audit_jobs: {error}", file=sys.stderr)
+        return 1
     return 0 if report.ok else 1
 
 
 async def run_replay(settings: Settings, args: argparse.Namespace) -> int:
-    import asyncpg
-
     target = start_or_locate_database(settings)
     connection = await asyncpg.connect(target.owner_dsn)
     out = sys.stdout.buffer
@@ -89,6 +99,7 @@ def _parser(command: str) -> argparse.ArgumentParser:
                             help="also check a receipt (or a saved POST /prediction/ answer) against the log")
         parser.add_argument("--key", action="append", default=[], metavar="VERIFIER_KEY",
                             help="also trust this verifier key (<name>+<hash>+<key>) for checkpoints; repeatable")
+        parser.add_argument("--job", type=int, default=None, help=argparse.SUPPRESS)  # the audit job runner's
         parser.set_defaults(handler=run_verify)
     else:
         parser.description = "events as NDJSON on stdout"

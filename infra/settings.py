@@ -165,6 +165,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     api_keys: ApiKeys  # from "key1:predict,read;key2:audit"; empty (API_KEYS unset): no keys required
     allow_unauthenticated: bool  # serve a non-loopback HOST without keys (something in front authenticates)
     client_api_key: str | None  # the key the command-line clients (just labels-import) present
+    audit_jobs: bool  # this process runs the verify and reproduce jobs asked for over HTTP
+    audit_job_timeout_s: float  # one job's time at most; then it is stopped and failed
+    audit_job_queue_max: int  # open jobs at most; more requests are refused (503) until some finish
     log_level: str
 
     @classmethod
@@ -214,5 +217,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             api_keys=parse_api_keys(os.environ.get("API_KEYS")),
             allow_unauthenticated=_flag("ALLOW_UNAUTHENTICATED"),
             client_api_key=os.environ.get("AUDIT_API_KEY") or None,
+            audit_jobs=_choice("AUDIT_JOBS", "on", ("on", "off")) == "on",
+            audit_job_timeout_s=_float("AUDIT_JOB_TIMEOUT_S", 600.0),
+            audit_job_queue_max=_positive_int("AUDIT_JOB_QUEUE_MAX", 8),
             log_level=_env("LOG_LEVEL", "INFO"),
         )

@@ -18,6 +18,7 @@ from db.migrate import pending_migrations
 from db.store import CONNECTION_ERRORS, DatabaseUnavailable
 from infra.settings import Settings
 from projections.worker import elected_workers
+from service.audit_routes import AUDIT_ROUTES
 from service.bootstrap import Services, ServicesDependency
 from service.console import CONSOLE, TEMPLATES
 from service.label_routes import LABEL_ROUTES
@@ -102,7 +103,7 @@ def create_app(settings: Settings, app_dsn: str, *, run_projections: bool = True
         return started[0]  # the lifespan has run before any request is served
 
     app = Litestar(
-        route_handlers=[live, ready, *ROUTES, *LABEL_ROUTES, *QUALITY_ROUTES, *TLOG_ROUTES, CONSOLE],
+        route_handlers=[live, ready, *ROUTES, *LABEL_ROUTES, *QUALITY_ROUTES, *TLOG_ROUTES, *AUDIT_ROUTES, CONSOLE],
         template_config=TemplateConfig(directory=TEMPLATES, engine=JinjaTemplateEngine),
         lifespan=[lifespan],
         dependencies={"services": Provide(provide_services, sync_to_thread=False)},

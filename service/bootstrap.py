@@ -38,6 +38,7 @@ from projections import quality, queries, tree_store
 from projections.process import ProjectionWorker
 from service.metrics import Metrics
 from usecases.errors import NotReady
+from usecases.audit_jobs import AuditJobRunner, AuditJobs
 from usecases.labels import LabelService
 from usecases.models import register_model
 from usecases.predict import PredictionService
@@ -116,6 +117,7 @@ class Services:
     decoder: ThreadPoolExecutor
     background: list[asyncio.Task[None]]
     signed: tree_store.SignedSizeWatch  # for requests that wait for their checkpoint
+    audit_jobs: AuditJobs
 
     @classmethod
     async def start(cls, settings: Settings, app_dsn: str, metrics: Metrics, *, run_projections: bool) -> "Services":
@@ -131,13 +133,19 @@ class Services:
         committer = GroupCommitter(store, max_group=s.max_group, on_group=metrics.observe_commit)
         committer.start()
         projection = await ProjectionWorker.start(app_dsn, s) if run_projections else None
+        # Jobs run where the owner's login is known (`just serve` puts it in the environment).
+        runner = AuditJobRunner(pool, s.database_url, timeout_s=s.audit_job_timeout_s) \
+            if s.audit_jobs and s.database_url else None
         services = cls(
             settings=s, metrics=metrics, pool=pool, read_pool=read_pool, reads=reads, store=store, committer=committer,
             model=ModelSlot(), projection=projection, labels=LabelService(store, committer), log=LogIdentity(store),
             decoder=ThreadPoolExecutor(max_workers=2, thread_name_prefix="decode"), background=[],
             signed=tree_store.SignedSizeWatch(read_pool, acquire_timeout_s=s.connect_timeout_s),
+            audit_jobs=AuditJobs(pool, queue_max=s.audit_job_queue_max, on_request=runner.wake if runner else None),
         )
         services.background.append(asyncio.create_task(services._bring_up_model(), name="model-warm-up"))
+        if runner is not None:
+            services.background.append(asyncio.create_task(runner.run(), name="audit-jobs"))
         return services
 
     async def stop(self) -> None:

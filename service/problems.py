@@ -136,7 +136,7 @@ def handle_not_ready(request: Request, error: NotReady) -> Response[dict[str, An
 
 
 def handle_overloaded(request: Request, error: Overloaded) -> Response[dict[str, Any]]:
-    return problem_response(request, 503, "overloaded", str(error), RETRY_AFTER)
+    return problem_response(request, 503, "overloaded", str(error), {"Retry-After": str(error.retry_after_s)})
 
 
 def handle_database_unavailable(request: Request, error: DatabaseUnavailable) -> Response[dict[str, Any]]:

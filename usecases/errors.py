@@ -12,6 +12,10 @@ class NotReady(Exception):
 class Overloaded(Exception):
     """Too much work is queued already; the caller should retry later."""
 
+    def __init__(self, message: str, *, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
 
 class NotFound(Exception):
     """The thing asked for does not exist (yet)."""

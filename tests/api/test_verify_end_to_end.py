@@ -123,6 +123,14 @@ async def test_green_log_and_a_kept_receipt_verify(service, database, tmp_path):
     receipt_file.write_text(json.dumps(forged))
     result = run_verify(database.owner_dsn, "--receipt", str(receipt_file))
     assert result.returncode == 1 and "receipt" in result.stdout
+    # Each run by hand is on record for the console's "last verification", newest last.
+    connection = await asyncpg.connect(database.owner_dsn)
+    try:
+        filed = await connection.fetch("SELECT requested_by, ok, verdict FROM audit_jobs WHERE kind = 'verify' ORDER BY id")
+    finally:
+        await connection.close()
+    assert [(row["requested_by"], row["ok"]) for row in filed][-2:] == [("cli", True), ("cli", False)]
+    assert filed[-1]["verdict"].startswith("FAILED: ") and "receipt" in filed[-1]["verdict"]
 
 
 @pytest.mark.parametrize(
