@@ -4,8 +4,7 @@ server and bounded in time (usecases/audit_jobs.py runs them); the `audit` scope
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 import msgspec
 from litestar import Request, Response, get, post
@@ -24,30 +23,8 @@ class AuditJobRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     prediction_id: uuid.UUID | None = None  # required for reproduce
 
 
-class AuditJobOut(msgspec.Struct, frozen=True):
-    id: int
-    kind: str
-    state: str  # waiting | running | passed | failed
-    prediction_id: uuid.UUID | None
-    requested_by: str | None
-    requested_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
-    ok: bool | None
-    verdict: str | None
-    report: Any  # the command's own report (verify's or reproduce's); null until it finished
-    url: str
-
-
 class AuditJobsPage(msgspec.Struct, frozen=True):
-    items: list[AuditJobOut]
-
-
-def job_out(job: AuditJob) -> AuditJobOut:
-    return AuditJobOut(
-        id=job.id, kind=job.kind, state=job.state, prediction_id=job.subject, requested_by=job.requested_by,
-        requested_at=job.requested_at, started_at=job.started_at, finished_at=job.finished_at, ok=job.ok,
-        verdict=job.verdict, report=job.report, url=f"/audit/jobs/{job.id}")
+    items: list[AuditJob]
 
 
 @post(
@@ -59,18 +36,18 @@ def job_out(job: AuditJob) -> AuditJobOut:
     responses={404: problem_spec("No such prediction"), 503: problem_spec("Too many audit jobs are open")},
     status_code=202,
 )
-async def request_job(request: Request, services: ServicesDependency, data: AuditJobRequest) -> Response[AuditJobOut]:
+async def request_job(request: Request, services: ServicesDependency, data: AuditJobRequest) -> Response[AuditJob]:
     if (data.kind == "reproduce") != (data.prediction_id is not None):
         raise Problem(422, "invalid_audit_job", "`prediction_id` is given for reproduce, and only for reproduce")
     job, _ = await services.audit_jobs.request(data.kind, data.prediction_id, request.scope.get("state", {}).get(ACTOR))
-    return Response(job_out(job), status_code=202, headers={"Location": f"/audit/jobs/{job.id}"})
+    return Response(job, status_code=202, headers={"Location": f"/audit/jobs/{job.id}"})
 
 
 @get("/audit/jobs/{job_id:int}", summary="One audit job: waiting, running, or its verdict and report", tags=["audit"],
      opt={"scope": "audit"}, operation_class=ProblemOperation, responses={404: problem_spec("No such job")})
 async def get_job(services: ServicesDependency,
-                  job_id: Annotated[int, PathParameter(ge=1, le=MAX_BIGINT)]) -> AuditJobOut:
-    return job_out(await services.audit_jobs.get(job_id))
+                  job_id: Annotated[int, PathParameter(ge=1, le=MAX_BIGINT)]) -> AuditJob:
+    return await services.audit_jobs.get(job_id)
 
 
 @get("/audit/jobs", summary="Recent audit jobs, newest first (by hand with `just verify` too)", tags=["audit"],
@@ -81,8 +58,7 @@ async def list_jobs(
     prediction_id: Annotated[uuid.UUID | None, QueryParameter(description="Only this prediction's")] = None,
     limit: Annotated[int, QueryParameter(ge=1, le=200)] = 20,
 ) -> AuditJobsPage:
-    jobs = await services.audit_jobs.recent(kind=kind, subject=prediction_id, limit=limit)
-    return AuditJobsPage(items=[job_out(job) for job in jobs])
+    return AuditJobsPage(items=await services.audit_jobs.recent(kind=kind, subject=prediction_id, limit=limit))
 
 
 AUDIT_ROUTES = [request_job, get_job, list_jobs]

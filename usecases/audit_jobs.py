@@ -40,25 +40,25 @@ _COLUMNS = "id, kind, subject, requested_by, requested_at, started_at, finished_
 class AuditJob(msgspec.Struct, frozen=True):
     id: int
     kind: Kind
-    subject: uuid.UUID | None  # the prediction, for reproduce
-    requested_by: str | None
+    state: Literal["waiting", "running", "passed", "failed"]
+    prediction_id: uuid.UUID | None  # the subject of a reproduce job
+    requested_by: str | None  # the API key's name, 'cli' for a command run by hand
     requested_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
     ok: bool | None
-    verdict: str | None
-    report: Any | None
-
-    @property
-    def state(self) -> Literal["waiting", "running", "passed", "failed"]:
-        if self.finished_at is not None:
-            return "passed" if self.ok else "failed"
-        return "running" if self.started_at is not None else "waiting"
+    verdict: str | None  # one line for people
+    report: Any | None  # the command's own report (verify's or reproduce's)
 
 
 def _job(row: asyncpg.Record) -> AuditJob:
     fields = dict(row)
+    fields["prediction_id"] = fields.pop("subject")
     fields["report"] = msgspec.json.decode(fields["report"]) if fields["report"] is not None else None
+    if fields["finished_at"] is not None:
+        fields["state"] = "passed" if fields["ok"] else "failed"
+    else:
+        fields["state"] = "running" if fields["started_at"] is not None else "waiting"
     return AuditJob(**fields)
 
 
@@ -116,7 +116,7 @@ class AuditJobs:
 def command_for(job: AuditJob) -> list[str]:
     if job.kind == "verify":
         return [sys.executable, "-m", "cli", "verify", "--job", str(job.id)]
-    return [sys.executable, "-m", "cli", "reproduce", str(job.subject), "--job", str(job.id)]
+    return [sys.executable, "-m", "cli", "reproduce", str(job.prediction_id), "--job", str(job.id)]
 
 
 class AuditJobRunner:
@@ -161,7 +161,7 @@ class AuditJobRunner:
             self._timeout_s + ABANDONED_GRACE_S)
 
     async def run_job(self, job: AuditJob) -> None:
-        log.info("audit job %d: %s %s", job.id, job.kind, job.subject or "")
+        log.info("audit job %d: %s %s", job.id, job.kind, job.prediction_id or "")
         process = await asyncio.create_subprocess_exec(
             *self._command(job), env=self._env, stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
