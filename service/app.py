@@ -20,15 +20,15 @@ from infra.settings import Settings
 from projections.worker import elected_workers
 from service.audit_routes import AUDIT_ROUTES
 from service.bootstrap import Services, ServicesDependency
-from service.console import CONSOLE, TEMPLATES
+from service.console import CONSOLE, TEMPLATES, template_globals
 from service.label_routes import LABEL_ROUTES
 from service.metrics import Metrics
 from service.observability import Observed
 from service.problems import EXCEPTION_HANDLERS
 from service.quality_routes import QUALITY_ROUTES
-from service.tlog_routes import TLOG_ROUTES, CachedTiles
 from service.routes import ROUTES
 from service.security import scope_guard
+from service.tlog_routes import TLOG_ROUTES, CachedTiles
 from service.uploads import MAX_PARTS
 
 
@@ -104,7 +104,7 @@ def create_app(settings: Settings, app_dsn: str, *, run_projections: bool = True
 
     app = Litestar(
         route_handlers=[live, ready, *ROUTES, *LABEL_ROUTES, *QUALITY_ROUTES, *TLOG_ROUTES, *AUDIT_ROUTES, CONSOLE],
-        template_config=TemplateConfig(directory=TEMPLATES, engine=JinjaTemplateEngine),
+        template_config=TemplateConfig(directory=TEMPLATES, engine=JinjaTemplateEngine, engine_callback=template_globals),
         lifespan=[lifespan],
         dependencies={"services": Provide(provide_services, sync_to_thread=False)},
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]

@@ -15,7 +15,7 @@ from litestar.response import Stream
 from db.store import DatabaseUnavailable
 from domain.event_lines import EventLine, ndjson
 from domain.preprocessing import sniff_format
-from domain.uploads import check_idempotency_key
+from domain.uploads import Upload, check_idempotency_key
 from projections import queries
 from service.bootstrap import ServicesDependency
 from service.checkpoint_wait import PREFERENCE_APPLIED, checkpointed, wants_checkpoint
@@ -80,7 +80,13 @@ async def create_prediction(
     check_idempotency_key(idempotency_key)
     settings = services.settings
     body = await read_body(request, limit=settings.max_upload_bytes, deadline_s=settings.body_read_timeout_s)
-    upload = parse_upload(request, body, filename)
+    return await predict_and_answer(request, services, parse_upload(request, body, filename), idempotency_key)
+
+
+async def predict_and_answer(request: Request, services: ServicesDependency, upload: Upload,
+                             idempotency_key: str | None, **extra_metadata: str | None) -> Response[PredictionCreated]:
+    """Predict, commit, answer: what an upload gets, through the API or the console."""
+    serving = services.model.serving()
     recorded: Recorded = await serving.predictions.predict(
         upload,
         idempotency_key=idempotency_key,
@@ -88,6 +94,7 @@ async def create_prediction(
             "request_id": request.scope.get("state", {}).get("request_id"),
             "client": request.client.host if request.client else None,
             "user_agent": (request.headers.get("user-agent") or "")[:256] or None,
+            **extra_metadata,
         },
     )
     the_receipt = receipt(serving.log_id, recorded.events, recorded.head_position, recorded.head_hash)

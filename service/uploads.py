@@ -25,6 +25,7 @@ from service.problems import Problem
 FILE_FIELD = "file"
 MAX_PARTS = 16
 MAX_PART_HEADERS = 8
+MAX_TEXT_FIELD = 256  # bytes of a form's text field that `parse_upload(form=...)` keeps
 
 
 async def read_body(request: Request, *, limit: int, deadline_s: float) -> bytes:
@@ -65,12 +66,14 @@ def _too_large(limit: int) -> Problem:
     return Problem(413, "upload_too_large", f"uploads are limited to {limit} bytes", max_bytes=limit)
 
 
-def parse_upload(request: Request, body: bytes, filename: str | None = None) -> Upload:
+def parse_upload(request: Request, body: bytes, filename: str | None = None, *,
+                 form: dict[str, str] | None = None) -> Upload:
     """A multipart form with a `file` field, or the image itself as the body (named by the
-    `filename` query parameter or the X-Filename header)."""
+    `filename` query parameter or the X-Filename header). With `form`, the multipart form's short
+    text fields named by its keys are put there (the console's CSRF token)."""
     media_type, options = parse_content_header(request.headers.get("content-type", ""))
     if media_type == "multipart/form-data":
-        return _from_multipart(body, options.get("boundary"))
+        return _from_multipart(body, options.get("boundary"), form)
     if media_type in ("application/x-www-form-urlencoded", "text/plain", "application/json"):
         raise Problem(
             415, "unsupported_media_type",
@@ -84,7 +87,7 @@ def parse_upload(request: Request, body: bytes, filename: str | None = None) -> 
     return Upload(content=body, filename=filename, content_type=media_type or None)
 
 
-def _from_multipart(body: bytes, boundary: str | None) -> Upload:
+def _from_multipart(body: bytes, boundary: str | None, form: dict[str, str] | None = None) -> Upload:
     if not boundary:
         raise Problem(400, "bad_multipart", "multipart/form-data needs a boundary")
     try:
@@ -100,8 +103,11 @@ def _from_multipart(body: bytes, boundary: str | None) -> Upload:
             elif event is None:
                 if segment is not None and segment.name == FILE_FIELD and found is None:
                     found = (segment, current)
+                elif segment is not None and form is not None and segment.name in form and len(current) <= MAX_TEXT_FIELD:
+                    form[segment.name] = current.decode("utf-8", "replace")
                 segment = None
-            elif segment is not None and segment.name == FILE_FIELD and found is None:
+            elif segment is not None and ((segment.name == FILE_FIELD and found is None)
+                                          or (form is not None and segment.name in form)):
                 current += event
         parser.close()
     except ParserLimitReached as error:

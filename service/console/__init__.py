@@ -9,12 +9,19 @@ from __future__ import annotations
 
 from litestar import Router
 from litestar.di import Provide
+from litestar.plugins.jinja import JinjaTemplateEngine
 from litestar.static_files import create_static_files_router
 
-from service.console import log, models, overview, predictions, session
+from domain.thumbnails import needs_thumbnail
+from service.console import images, jobs, log, models, overview, predictions, session, upload
 from service.console.session import STATIC, TEMPLATES, LoginRequired
 
-__all__ = ["CONSOLE", "TEMPLATES"]
+__all__ = ["CONSOLE", "TEMPLATES", "template_globals"]
+
+
+def template_globals(engine: JinjaTemplateEngine) -> None:
+    """What every template may call: whether a list shows a picture's thumbnail or the picture."""
+    engine.engine.globals["needs_thumbnail"] = needs_thumbnail
 
 CONSOLE = Router(
     path="/",
@@ -22,10 +29,13 @@ CONSOLE = Router(
         session.root, session.favicon, session.login_form, session.login, session.logout,
         overview.overview_page,
         predictions.predictions_page, predictions.prediction_rows, predictions.prediction_counts,
-        predictions.prediction_page, predictions.prediction_events, predictions.input_image, predictions.label,
-        predictions.export,
+        predictions.prediction_page, predictions.prediction_events, predictions.label,
+        images.input_image, images.thumbnail_image,
+        predictions.export, predictions.prediction_receipt,
         models.models_page, models.model_page,
-        log.log_page,
+        upload.upload_page, upload.upload,
+        log.log_page, log.feed_page,
+        jobs.verify_now, jobs.reproduce_now, jobs.job_fragment,
         create_static_files_router(path="/ui/static", directories=[STATIC], name="console-static",
                                    include_in_schema=False, cache_control=None),
     ],

@@ -21,9 +21,10 @@ from domain.event_lines import EventLine
 from domain.rejections import Rejected
 from projections import queries
 from service.bootstrap import ServicesDependency
+from service.checkpoint_wait import checkpointed
 from service.console.session import check_csrf, page, viewer
 from service.problems import Problem
-from service.responses import event_out
+from service.responses import Receipt, event_out, receipt
 from service.routes import current_prediction, prediction_out, wait_for_projection
 
 
@@ -117,12 +118,30 @@ async def prediction_page(request: Request, services: ServicesDependency, predic
     view = await current_prediction(services, prediction_id)
     if view is None:
         raise Problem(404, "prediction_not_found", f"no prediction {prediction_id}")
-    events = [event_out(event) for event in await services.store.read_stream(prediction_id)] if who.can("audit") else []
+    events, reproduced = [], None
+    if who.can("audit"):
+        events = [event_out(event) for event in await services.store.read_stream(prediction_id)]
+        reproduced = next(iter(await services.audit_jobs.recent(kind="reproduce", subject=prediction_id, limit=1)), None)
     bars = []
     if view.output:
         top = max(view.output)
         bars = [(index, value, value == top) for index, value in enumerate(view.output)]
-    return page("prediction.html", request, who, view=view, events=events, bars=bars, error=error)
+    return page("prediction.html", request, who, view=view, events=events, bars=bars, error=error,
+                job=reproduced, slot="reproduce-job", refused=None)
+
+
+@get("/ui/prediction/{prediction_id:uuid}/receipt.json", include_in_schema=False)
+async def prediction_receipt(request: Request, services: ServicesDependency, prediction_id: UUID) -> Response[Receipt]:
+    """The prediction's receipt, as its upload answered it with `Prefer: wait=checkpoint`: its
+    events' hashes and leaves, each with an inclusion proof against the first signed checkpoint
+    that covers them (`just verify-receipt` checks it anywhere)."""
+    viewer(request, services, "audit")
+    events = await services.store.read_stream(prediction_id)
+    if not events:
+        raise Problem(404, "prediction_not_found", f"no prediction {prediction_id}")
+    plain = receipt(await services.log.id(), events, events[-1].position, events[-1].hash)
+    return Response(await checkpointed(services, plain) or plain, headers={
+        "Content-Disposition": f'attachment; filename="receipt-{prediction_id}.json"', "Cache-Control": "no-store"})
 
 
 @get("/ui/prediction/{prediction_id:uuid}/events.json", include_in_schema=False)
@@ -133,35 +152,6 @@ async def prediction_events(request: Request, services: ServicesDependency, pred
     if not events:
         raise Problem(404, "prediction_not_found", f"no prediction {prediction_id}")
     return [event_out(event) for event in events]
-
-
-@get("/ui/input/{input_id:uuid}", include_in_schema=False)
-async def input_image(request: Request, services: ServicesDependency, input_id: UUID) -> Response[bytes]:
-    """The original image for an <img>: immutable (its ETag is the bytes' sha256)."""
-    viewer(request, services)
-    async with services.reading() as connection:
-        found = await queries.get_input(connection, input_id)
-        content = None if found is None or found.erased else await connection.fetchval(
-            "SELECT content FROM blobs WHERE sha256 = $1", bytes.fromhex(found.blob_sha256))
-    if content is None:
-        raise Problem(404 if found is None else 410, "input_unavailable", "no such input, or it was erased")
-    etag = f'"{found.blob_sha256}"'
-    if request.headers.get("if-none-match") == etag:
-        return Response(b"", status_code=304, headers={"ETag": etag})
-    kind = _image_type(bytes(content))
-    return Response(bytes(content), media_type=kind, headers={
-        "ETag": etag, "Cache-Control": "private, max-age=31536000, immutable", "X-Content-Type-Options": "nosniff",
-        "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; sandbox"})
-
-
-def _image_type(content: bytes) -> str:
-    for magic, kind in ((b"\x89PNG", "image/png"), (b"\xff\xd8", "image/jpeg"), (b"GIF8", "image/gif"),
-                        (b"BM", "image/bmp")):
-        if content.startswith(magic):
-            return kind
-    if content[:4] == b"RIFF" and content[8:12] == b"WEBP":
-        return "image/webp"
-    return "application/octet-stream"  # an <img> will not render it: nothing is sniffed
 
 
 @post("/ui/prediction/{prediction_id:uuid}/label", include_in_schema=False, status_code=303)

@@ -104,8 +104,86 @@ async function verify(button, verdict) {
   }
 }
 
+// Upload: each dropped or chosen image is sent on its own (a few at a time) and its result is
+// shown as it returns. Everything the server sent back is put in as text, never as markup.
+const UPLOADS_AT_ONCE = 4;
+
+function resultItem(list, name) {
+  const item = document.createElement("li");
+  item.textContent = `${name}: uploading…`;
+  list.prepend(item);
+  return item;
+}
+
+function showPrediction(item, name, answer) {
+  item.textContent = "";
+  const link = document.createElement("a");
+  link.href = `/ui/prediction/${answer.prediction_id}`;
+  const picture = document.createElement("img");
+  picture.className = "thumb";
+  picture.alt = "";
+  picture.src = `/ui/thumb/${answer.input_id}`;  // a small picture's thumbnail is the picture
+  const confidence = Math.max(...answer.prediction);
+  link.append(picture, ` class ${answer.likely_class} (${(confidence * 100).toFixed(1)}%)`);
+  const label = document.createElement("span");
+  label.textContent = ` ${name}`;
+  item.append(link, label);
+  item.className = "ok";
+}
+
+function showProblem(item, name, status, problem) {
+  item.className = "bad";
+  item.textContent = `✗ ${name}: ${problem.detail || problem.title || "refused"} (${status})`;
+}
+
+async function sendOne(form, list, file) {
+  const item = resultItem(list, file.name);
+  const body = new FormData();
+  body.append("file", file, file.name);
+  try {
+    const response = await fetch(form.action, {
+      method: "POST", body, credentials: "same-origin", headers: { "X-CSRF-Token": form.dataset.csrf },
+    });
+    const answer = await response.json().catch(() => ({ detail: response.statusText }));
+    if (response.status === 201) showPrediction(item, file.name, answer);
+    else showProblem(item, file.name, response.status, answer);
+  } catch (error) {
+    showProblem(item, file.name, "network", { detail: error.message });
+  }
+}
+
+async function sendAll(form, list, files) {
+  const queue = Array.from(files);
+  const none = document.getElementById("no-results");
+  if (none) none.hidden = true;
+  const worker = async () => { for (let file; (file = queue.shift()); ) await sendOne(form, list, file); };
+  await Promise.all(Array.from({ length: Math.min(UPLOADS_AT_ONCE, queue.length) }, worker));
+}
+
+function wireUpload(form) {
+  const list = document.getElementById("results");
+  const input = document.getElementById("files");
+  const drop = document.getElementById("drop");
+  form.addEventListener("submit", (event) => {
+    event.preventDefault();
+    sendAll(form, list, input.files).then(() => { input.value = ""; });
+  });
+  input.addEventListener("change", () => { if (input.files.length) form.requestSubmit(); });
+  for (const type of ["dragenter", "dragover"]) {
+    drop.addEventListener(type, (event) => { event.preventDefault(); drop.classList.add("over"); });
+  }
+  drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+  drop.addEventListener("drop", (event) => {
+    event.preventDefault();
+    drop.classList.remove("over");
+    sendAll(form, list, event.dataTransfer.files);
+  });
+}
+
 document.addEventListener("DOMContentLoaded", () => {
   const button = document.getElementById("verify");
   const verdict = document.getElementById("verdict");
   if (button && verdict) button.addEventListener("click", () => verify(button, verdict));
+  const form = document.getElementById("upload");
+  if (form) wireUpload(form);
 });
