@@ -210,3 +210,77 @@ def test_forged_cookies_and_tokens_that_are_not_ascii_are_refused_not_errors(sta
         answer = http.post("/ui/login", data={"key": "audit-key", "csrf": "ü"},
                            headers={"Cookie": "console_csrf=ä".encode("latin-1")})
         assert answer.status_code == 403 and answer.headers["content-type"] == "application/problem+json"
+
+
+async def test_uploading_through_the_page_shows_each_result_and_the_list_follows_without_a_reload(
+        service, client, browsing, tmp_path):
+    page = browsing.page
+    listing = await page.context.new_page()
+    await listing.goto(f"{service.url}/ui/predictions")
+    await page.goto(f"{service.url}/ui/upload")
+    await screenshots(page, "upload")
+    assert await serious_accessibility_violations(page) == []
+    chosen = []
+    for index in (8, 9):
+        path, _ = digit_files()[index]
+        chosen.append(path)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"this is not a picture")
+    await page.locator("#files").set_input_files([*chosen, broken])  # choosing uploads at once
+    results = page.locator("#results li")
+    await expect(results).to_have_count(3)
+    await expect(page.locator("#results li.ok")).to_have_count(2, timeout=15_000)
+    await expect(page.locator("#results li.bad")).to_contain_text("broken.png")
+    for path in chosen:
+        link = page.locator("#results li.ok", has_text=path.name).get_by_role("link")
+        href = await link.get_attribute("href")
+        # The other tab's list shows it without a reload.
+        await expect(listing.locator(f"#rows a[href='{href}']").first).to_be_visible(timeout=10_000)
+
+    # Dropping files works the same way as choosing them.
+    path, _ = digit_files()[10]
+    drop = await page.evaluate_handle(
+        """([name, bytes]) => { const t = new DataTransfer();
+             t.items.add(new File([new Uint8Array(bytes)], name, {type: "image/png"})); return t; }""",
+        [path.name, list(path.read_bytes())])
+    await page.dispatch_event("#drop", "drop", {"dataTransfer": drop})
+    await expect(page.locator("#results li.ok", has_text=path.name)).to_be_visible(timeout=15_000)
+    await listing.close()
+    assert browsing.errors == [] or all("400" in e or "415" in e or "422" in e for e in browsing.errors)
+
+
+async def test_verify_and_reproduce_on_the_server_from_the_buttons(start_service, browsing):
+    """On a log of its own: the module's log has been tampered with by the in-browser check's test."""
+    page = browsing.page
+    service = start_service(CHECKPOINT_INTERVAL_MS="100")
+    with httpx.Client(base_url=service.url, timeout=30) as client:
+        made = upload(client, 11, wait=True)
+    await page.goto(f"{service.url}/ui/log")
+    await page.get_by_role("button", name="Verify the whole log now").click()
+    await expect(page.locator("#verify-job")).to_contain_text("✓ OK: ", timeout=120_000)
+    await page.reload()
+    await expect(page.get_by_role("table", name="Recent verifications")).to_contain_text("✓")
+    await screenshots(page, "log")
+    assert await serious_accessibility_violations(page) == []
+
+    await page.goto(f"{service.url}/ui/prediction/{made['prediction_id']}")
+    await page.get_by_role("button", name="Reproduce").click()
+    await expect(page.locator("#reproduce-job")).to_contain_text("✓ reproduced", timeout=120_000)
+    assert browsing.errors == []
+
+
+async def test_the_event_feed_filters_by_type_and_position(service, client, browsing):
+    page = browsing.page
+    made = upload(client, 12, wait=True)
+    await page.goto(f"{service.url}/ui/log")
+    await page.get_by_role("link", name="The event feed").click()
+    await expect(page.get_by_role("heading", name="The event feed")).to_be_visible()
+    await expect(page.locator("table.feed")).to_contain_text(made["receipt"]["events"][1]["hash"][:16])
+    await page.get_by_label("Type").select_option("PredictionMade")
+    await page.get_by_label("After position").fill("0")
+    await page.get_by_role("button", name="Show").click()
+    types = await page.locator("table.feed tbody tr td:nth-child(2)").all_inner_texts()
+    assert types and set(types) == {"PredictionMade"}
+    await screenshots(page, "feed")
+    assert await serious_accessibility_violations(page) == []
+    assert browsing.errors == []
