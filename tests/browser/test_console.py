@@ -218,7 +218,6 @@ async def test_uploading_through_the_page_shows_each_result_and_the_list_follows
     listing = await page.context.new_page()
     await listing.goto(f"{service.url}/ui/predictions")
     await page.goto(f"{service.url}/ui/upload")
-    await screenshots(page, "upload")
     assert await serious_accessibility_violations(page) == []
     chosen = []
     for index in (8, 9):
@@ -245,6 +244,8 @@ async def test_uploading_through_the_page_shows_each_result_and_the_list_follows
         [path.name, list(path.read_bytes())])
     await page.dispatch_event("#drop", "drop", {"dataTransfer": drop})
     await expect(page.locator("#results li.ok", has_text=path.name)).to_be_visible(timeout=15_000)
+    await screenshots(page, "upload")
+    assert await serious_accessibility_violations(page) == []
     await listing.close()
     assert browsing.errors == [] or all("400" in e or "415" in e or "422" in e for e in browsing.errors)
 
