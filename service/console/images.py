@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 from uuid import UUID
 
+import asyncpg
 from litestar import Request, Response, get
 
 from domain.thumbnails import thumbnail_if_large
@@ -14,6 +15,7 @@ from projections import queries
 from service.bootstrap import ServicesDependency
 from service.console.session import viewer
 from service.problems import Problem
+from service.routes import wait_for_projection
 
 IMMUTABLE = {"Cache-Control": "private, max-age=31536000, immutable", "X-Content-Type-Options": "nosniff",
              "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; sandbox"}
@@ -24,7 +26,7 @@ async def input_image(request: Request, services: ServicesDependency, input_id: 
     """The original image for an <img>."""
     viewer(request, services)
     async with services.reading() as connection:
-        found = await queries.get_input(connection, input_id)
+        found = await _input(services, connection, input_id)
         content = None if found is None or found.erased else await connection.fetchval(
             "SELECT content FROM blobs WHERE sha256 = $1", bytes.fromhex(found.blob_sha256))
     if content is None:
@@ -37,7 +39,7 @@ async def thumbnail_image(request: Request, services: ServicesDependency, input_
     """A large upload's thumbnail: made on its first view, then read back (never made per request)."""
     viewer(request, services)
     async with services.reading() as connection:
-        found = await queries.get_input(connection, input_id)
+        found = await _input(services, connection, input_id)
         if found is None or found.erased:
             raise Problem(404 if found is None else 410, "input_unavailable", "no such input, or it was erased")
         if request.headers.get("if-none-match") == _thumb_etag(found.blob_sha256):
@@ -58,6 +60,15 @@ async def thumbnail_image(request: Request, services: ServicesDependency, input_
             "INSERT INTO thumbnails (blob_sha256, content, media_type) SELECT $1, $2, $3 "
             "WHERE EXISTS (SELECT 1 FROM blobs WHERE sha256 = $1) ON CONFLICT DO NOTHING", digest, small, media_type)
     return _immutable(request, _thumb_etag(found.blob_sha256), small, media_type)
+
+
+async def _input(services: ServicesDependency, connection: asyncpg.Connection, input_id: UUID) -> queries.InputView | None:
+    """The input, also when the page asks for it the moment its upload answered (read-your-writes)."""
+    found = await queries.get_input(connection, input_id)
+    if found is None:
+        await wait_for_projection(connection, services.settings.read_your_writes_timeout_s)
+        found = await queries.get_input(connection, input_id)
+    return found
 
 
 def _thumb_etag(blob_sha256: str) -> str:
