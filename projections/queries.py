@@ -12,7 +12,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import Mapping, Sequence
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any, Literal
 
 import asyncpg
@@ -205,11 +205,58 @@ async def count_predictions(
     correct: bool | None = None, confidence_below: float | None = None,
 ) -> PredictionCounts:
     """How many predictions the list's filters match, and of those how many failed, are labelled
-    and are correct: the counts above the console's table."""
+    and are correct: the counts above the console's table. From the kept quality cells when the
+    filter is one they can answer (a sum over a few thousand cells instead of a count over every
+    prediction: 259 ms at 1M predictions, BENCHMARKS.md), else from the predictions."""
+    if model_version is None and confidence_below is None and _whole_hour(since) and _whole_hour(until):
+        return await count_from_cells(conn, likely_class=likely_class, since=since, until=until, labelled=labelled,
+                                      correct=correct)
+    return await count_from_rows(conn, likely_class=likely_class, model_version=model_version, since=since,
+                                 until=until, labelled=labelled, correct=correct, confidence_below=confidence_below)
+
+
+async def count_from_rows(
+    conn: Queryable, *, likely_class: int | None = None, model_version: str | None = None,
+    since: datetime | None = None, until: datetime | None = None, labelled: bool | None = None,
+    correct: bool | None = None, confidence_below: float | None = None,
+) -> PredictionCounts:
     where, arguments = _where(None, likely_class, model_version, since, until, labelled, correct, confidence_below)
     row = await conn.fetchrow(
         "SELECT count(*), count(*) FILTER (WHERE p.status = 'failed'), count(p.label),"
         f" count(*) FILTER (WHERE p.status = 'made' AND p.label = p.likely_class) FROM public.predictions AS p{where}",
+        *arguments,
+    )
+    return PredictionCounts(*row)
+
+
+def _whole_hour(moment: datetime | None) -> bool:
+    return moment is None or (moment.utcoffset() is not None and moment.minute == moment.second == moment.microsecond == 0)
+
+
+async def count_from_cells(
+    conn: Queryable, *, likely_class: int | None = None, since: datetime | None = None, until: datetime | None = None,
+    labelled: bool | None = None, correct: bool | None = None,
+) -> PredictionCounts:
+    """The same counts from `quality_cells` (one row per model, hour, status, class, label and
+    confidence bin, kept by the projection in the same transaction as the predictions)."""
+    conditions, arguments = ["n > 0"], []
+    for clause, value in (
+        ("likely_class = ${}", likely_class),
+        ("hour >= ${}", since.astimezone(timezone.utc).replace(tzinfo=None) if since else None),
+        ("hour < ${}", until.astimezone(timezone.utc).replace(tzinfo=None) if until else None),
+    ):
+        if value is not None:
+            arguments.append(value)
+            conditions.append(clause.format(len(arguments)))
+    if labelled is not None:
+        conditions.append("truth <> -1" if labelled else "truth = -1")
+    if correct is not None:
+        conditions.append("status = 'made' AND truth <> -1 AND truth " + ("= likely_class" if correct else "<> likely_class"))
+    row = await conn.fetchrow(
+        "SELECT coalesce(sum(n), 0)::bigint, coalesce(sum(n) FILTER (WHERE status = 'failed'), 0)::bigint,"
+        " coalesce(sum(n) FILTER (WHERE truth <> -1), 0)::bigint,"
+        " coalesce(sum(n) FILTER (WHERE status = 'made' AND truth = likely_class), 0)::bigint"
+        " FROM public.quality_cells WHERE " + " AND ".join(conditions),
         *arguments,
     )
     return PredictionCounts(*row)

@@ -177,6 +177,9 @@ def test_models_and_their_quality_now_and_as_of_an_earlier_position(client):
     (entry,) = [m for m in models["items"] if m["sha256"] == sha]
     assert entry["name"] == "mnist_convnet" and entry["num_classes"] == 10 and entry["predictions"] >= 3
     assert entry["labelled"] >= 2 and models["as_of_position"] >= before_wrong
+    every = client.get("/predictions/", params={"limit": 500}).json()["items"]
+    times = sorted(i["created_at"] for i in every if i["model"]["sha256"] == sha)
+    assert (entry["first_used"], entry["last_used"]) == (times[0], times[-1])  # exact, to the microsecond
 
     now = client.get(f"/models/{sha}/quality", params={"bucket": "hour"})
     assert now.status_code == 200, now.text

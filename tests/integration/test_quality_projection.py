@@ -26,7 +26,7 @@ from domain.events import (
 from domain.model_port import likely_class
 from domain.quality import QualityCounts, from_prediction, merge
 from domain.streams import model_stream_id
-from projections import quality
+from projections import quality, queries
 from projections.worker import ProjectionRunner
 from tests.projection_support import caught_up
 
@@ -159,6 +159,12 @@ async def _run_examples(store, database, owner) -> None:
                                                since=EPOCH, until=FAR, bucket="day")
             assert len(kept) == 1
             assert_counts_equal(kept[0].counts, merge(reference(facts, k, head).values(), k))
+            # The console's counts come from the same cells when they can: equal to counting rows.
+            for filters in ({}, {"likely_class": 0}, {"likely_class": 1}, {"labelled": True}, {"labelled": False},
+                            {"correct": True}, {"correct": False}, {"likely_class": 1, "labelled": True},
+                            {"since": BASE - 24 * HOUR, "until": FAR}):
+                assert await queries.count_from_cells(connection, **filters) == \
+                    await queries.count_from_rows(connection, **filters), filters
             for fact in facts:
                 await connection.execute("UPDATE predictions SET recorded_at = $2 WHERE prediction_id = $1",
                                          fact["stream"], BASE + fact["hour"] * HOUR + timedelta(minutes=7))
