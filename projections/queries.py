@@ -197,6 +197,20 @@ class PredictionCounts(msgspec.Struct, frozen=True):
     failed: int
     labelled: int
     correct: int
+    classes: dict[int, int]  # made predictions per predicted class
+
+
+def _fold_counts(rows: Sequence[asyncpg.Record]) -> PredictionCounts:
+    """Rows of (likely_class or NULL/-1 when failed, status, n, labelled, correct) as the counts."""
+    total = failed = labelled = correct = 0
+    classes: dict[int, int] = {}
+    for likely, status, n, with_label, right in rows:
+        total, labelled, correct = total + n, labelled + with_label, correct + right
+        if status == "failed":
+            failed += n
+        else:
+            classes[likely] = classes.get(likely, 0) + n
+    return PredictionCounts(total, failed, labelled, correct, dict(sorted(classes.items())))
 
 
 async def count_predictions(
@@ -221,12 +235,13 @@ async def count_from_rows(
     correct: bool | None = None, confidence_below: float | None = None,
 ) -> PredictionCounts:
     where, arguments = _where(None, likely_class, model_version, since, until, labelled, correct, confidence_below)
-    row = await conn.fetchrow(
-        "SELECT count(*), count(*) FILTER (WHERE p.status = 'failed'), count(p.label),"
-        f" count(*) FILTER (WHERE p.status = 'made' AND p.label = p.likely_class) FROM public.predictions AS p{where}",
+    rows = await conn.fetch(
+        "SELECT p.likely_class, p.status, count(*), count(p.label),"
+        " count(*) FILTER (WHERE p.status = 'made' AND p.label = p.likely_class)"
+        f" FROM public.predictions AS p{where} GROUP BY 1, 2",
         *arguments,
     )
-    return PredictionCounts(*row)
+    return _fold_counts(rows)
 
 
 def _whole_hour(moment: datetime | None) -> bool:
@@ -252,14 +267,13 @@ async def count_from_cells(
         conditions.append("truth <> -1" if labelled else "truth = -1")
     if correct is not None:
         conditions.append("status = 'made' AND truth <> -1 AND truth " + ("= likely_class" if correct else "<> likely_class"))
-    row = await conn.fetchrow(
-        "SELECT coalesce(sum(n), 0)::bigint, coalesce(sum(n) FILTER (WHERE status = 'failed'), 0)::bigint,"
-        " coalesce(sum(n) FILTER (WHERE truth <> -1), 0)::bigint,"
+    rows = await conn.fetch(
+        "SELECT likely_class, status, sum(n)::bigint, coalesce(sum(n) FILTER (WHERE truth <> -1), 0)::bigint,"
         " coalesce(sum(n) FILTER (WHERE status = 'made' AND truth = likely_class), 0)::bigint"
-        " FROM public.quality_cells WHERE " + " AND ".join(conditions),
+        " FROM public.quality_cells WHERE " + " AND ".join(conditions) + " GROUP BY 1, 2",
         *arguments,
     )
-    return PredictionCounts(*row)
+    return _fold_counts(rows)
 
 
 def prediction_view_from_events(events: Sequence[StoredEvent], *, erased: bool = False) -> PredictionView | None:

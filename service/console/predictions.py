@@ -20,6 +20,7 @@ from litestar.response import Redirect, Stream, Template
 from domain.event_lines import EventLine
 from domain.rejections import Rejected
 from projections import queries
+from service import charts
 from service.bootstrap import ServicesDependency
 from service.checkpoint_wait import checkpointed
 from service.console.session import check_csrf, page, viewer
@@ -108,7 +109,11 @@ async def prediction_counts(request: Request, services: ServicesDependency, filt
     who = viewer(request, services)
     async with services.reading() as connection:
         counts = await queries.count_predictions(connection, **filters)
-    return page("counts.html", request, who, counts=counts)
+    top = max(counts.classes, default=-1)
+    classes = charts.stacked_bars(
+        "Predicted classes (matching the filter)", "How many of the matching predictions the model put in each class",
+        [str(k) for k in range(top + 1)], [(counts.classes.get(k, 0),) for k in range(top + 1)], ["predictions"])
+    return page("counts.html", request, who, counts=counts, classes=classes if top >= 0 else None)
 
 
 @get("/ui/prediction/{prediction_id:uuid}", include_in_schema=False)

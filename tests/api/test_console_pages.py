@@ -65,6 +65,22 @@ def test_the_predictions_page_filters_by_time_and_confidence(client, made):
     assert client.get("/ui/export/ndjson", params={"below": "0"}).text == ""
 
 
+def test_the_counts_and_the_class_chart_follow_the_filter(client, made):
+    listed = client.get("/predictions/", params={"limit": 500}).json()["items"]
+    per_class = {}
+    for item in listed:
+        per_class[item["likely_class"]] = per_class.get(item["likely_class"], 0) + 1
+    for params in ({}, {"below": "0.999999"}):  # from the kept cells, then from the rows
+        counts = client.get("/ui/counts", params=params).text
+        chosen = [i for i in listed if not params or max(i["prediction"]) < 0.999999]
+        assert f"{len(chosen)} matching: {len(chosen)} made, 0 failed" in counts
+        assert 'id="chart-classes"' in counts or not chosen
+    wanted = listed[0]["likely_class"]
+    counts = client.get("/ui/counts", params={"class": str(wanted)}).text
+    assert f"<title>{wanted}: predictions {per_class[wanted]:,}</title>" in counts
+    assert f"{per_class[wanted]} matching" in counts
+
+
 def test_a_models_page_draws_quality_classes_drift_calibration_and_latency(client, made):
     sha = made[0]["model"]["sha256"]
     for index in range(3):
