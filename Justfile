@@ -104,6 +104,11 @@ bench-tlog *ARGS: setup
     @command -v wrk >/dev/null 2>&1 || (echo "installing wrk from Debian" && apt-get update -qq && apt-get install -y -qq wrk >/dev/null)
     {{run}} python bench/tlog_bench.py {{ARGS}}
 
+# the audit console's pages timed on a synthetic log of a million predictions (`--predictions N`)
+[group('bench')]
+bench-console *ARGS: setup
+    {{run}} python bench/console_bench.py {{ARGS}}
+
 # delete an original upload for retention or erasure; the chain stays intact and records why
 [group('audit')]
 [positional-arguments]

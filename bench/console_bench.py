@@ -4,7 +4,7 @@
 
 On DATABASE_URL's server when set, otherwise a private embedded PostgreSQL. Loads a synthetic log
 (bench/replay_bench.py's: one stream per prediction, 10 classes, one in 20 failed) with COPY,
-projects the read tables from it, starts the service on it (`python -m cli serve`, the tree
+registers its model, labels a tenth of the predictions, projects the read tables, starts the service on it (`python -m cli serve`, the tree
 integrator off so it does not integrate the loaded log while pages are timed), and times each page
 with sequential requests over loopback: the latency includes the client and the loopback, so the
 server's share is at most this (`/health/live` gives the floor).
@@ -26,9 +26,14 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from db.group_commit import GroupCommitter  # noqa: E402
+from db.store import AppendRequest, EventStore  # noqa: E402
+from domain.events import ModelRegistered  # noqa: E402
+from domain.streams import model_stream_id  # noqa: E402
 from harness.live import LiveService  # noqa: E402
 from projections.worker import ProjectionRunner  # noqa: E402
-from replay_bench import run_on_a_server, synthetic_log, throwaway_database  # noqa: E402
+from replay_bench import MODEL, run_on_a_server, synthetic_log, throwaway_database  # noqa: E402
+from usecases.labels import LabelService  # noqa: E402
 
 COLUMNS = ["position", "stream_id", "stream_version", "event_type", "schema_version", "data", "metadata",
            "recorded_at", "hash"]
@@ -51,6 +56,10 @@ def pages(middle_position: int) -> list[tuple[str, str]]:
         ("the event feed, latest 50", "/ui/log/events"),
         ("the event feed, PredictionFailed only", "/ui/log/events?type=PredictionFailed&after=0"),
         ("the overview", "/ui/"),
+        ("the models", "/ui/models"),
+        ("the model's page (quality, charts, latency)", f"/ui/models/{MODEL.sha256}"),
+        ("API: GET /models/", "/models/"),
+        ("API: GET /models/{sha}/quality", f"/models/{MODEL.sha256}/quality"),
     ]
 
 
@@ -77,13 +86,34 @@ async def bench(admin_dsn: str, predictions: int, requests: int) -> None:
         finally:
             await connection.close()
         print(f"log: {count:,} events loaded with COPY in {time.perf_counter() - started:.1f} s")
+        pool = await asyncpg.create_pool(app_dsn, min_size=1, max_size=4)
+        store = EventStore(pool)
+        registered = ModelRegistered(model=MODEL, size_bytes=1, input_shape=[28, 28, 1], output_kind="vector",
+                                     num_classes=10, runtime={})
+        await store.append([AppendRequest(stream_id=model_stream_id(MODEL.sha256), expected_version=0,
+                                          events=[registered])])
+        # A labelled tenth, as a team labels a sample: the model page has accuracy, the filters work.
+        sample = [row["stream_id"] for row in await pool.fetch(
+            "SELECT stream_id FROM events WHERE event_type = 'PredictionMade' AND position % 10 = 0")]
+        committer = GroupCommitter(store)
+        committer.start()
+        labels = LabelService(store, committer)
+        started = time.perf_counter()
+        for at in range(0, len(sample), 10_000):
+            await labels.record_many([{"prediction_id": str(stream), "label": (i * 7) % 10, "source": "bench"}
+                                      for i, stream in enumerate(sample[at:at + 10_000])], metadata={})
+        await committer.close()
+        head = await pool.fetchval("SELECT max(position) FROM events")
+        print(f"{len(sample):,} labels recorded in {time.perf_counter() - started:.1f} s")
+
         caught_up = asyncio.Event()
         runner = ProjectionRunner(app_dsn, batch_size=5000, poll_interval_s=0.5,
-                                  on_applied=lambda position, _n: position >= count and caught_up.set())
+                                  on_applied=lambda position, _n: position >= head and caught_up.set())
         started = time.perf_counter()
         await runner.start()
         await asyncio.wait_for(caught_up.wait(), 3600)
         await runner.stop()
+        await pool.close()
         print(f"read tables projected in {time.perf_counter() - started:.1f} s")
         connection = await asyncpg.connect(owner_dsn)
         try:
