@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import concurrent.futures
 import csv
 import hashlib
 import io
@@ -19,6 +20,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import uuid
 from pathlib import Path
 
 from infra.settings import Settings
@@ -54,6 +56,15 @@ def read_items(path: Path) -> list[tuple[str, dict[str, object]]]:
     return items
 
 
+def _prediction(item: object) -> str:
+    """The prediction an item names, as one spelling (so two spellings of an id are one)."""
+    raw = str(item.get("prediction_id")) if isinstance(item, dict) else ""
+    try:
+        return str(uuid.UUID(raw))
+    except ValueError:
+        return raw
+
+
 def post_batch(url: str, items: list[object], key: str, api_key: str | None, source: str | None) -> dict:
     query = f"?source={urllib.parse.quote(source)}" if source else ""
     request = urllib.request.Request(
@@ -84,10 +95,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--api-key", default=settings.client_api_key, help="a key with the label scope (default: AUDIT_API_KEY)")
     parser.add_argument("--source", default=None, help="the source of lines that name none (default: the file's name)")
     parser.add_argument("--batch-size", type=int, default=5000)
+    parser.add_argument("--in-flight", type=int, default=2, help="batches sent at once (default: 2)")
     parser.add_argument("--refused", type=Path, default=None, help="where refused lines go (default: FILE.refused.ndjson)")
     args = parser.parse_args(argv)
     if not 1 <= args.batch_size <= 10_000:
         parser.error("--batch-size must be 1 … 10,000")
+    if not 1 <= args.in_flight <= 8:
+        parser.error("--in-flight must be 1 … 8")
     lines = read_items(args.file)
     digest = hashlib.sha256(args.file.read_bytes()).hexdigest()[:16]
     refused_path = args.refused or args.file.with_name(args.file.name + ".refused.ndjson")
@@ -95,25 +109,48 @@ def main(argv: list[str] | None = None) -> int:
     accepted, replayed = 0, 0
     reasons: collections.Counter[str] = collections.Counter()
     started = time.monotonic()
-    with refused_path.open("w", encoding="utf-8") as refused:
-        for number, start in enumerate(range(0, len(lines), args.batch_size)):
-            batch = lines[start:start + args.batch_size]
-            answer = post_batch(args.url, [item for _, item in batch], f"labels-import-{digest}-{number}",
-                                args.api_key, source)
-            accepted += answer["accepted"]
-            replayed += answer["accepted"] if answer["replayed"] else 0
-            for item in answer["items"]:
-                if item["status"] != 201:
-                    problem = item["problem"]
-                    reasons[problem["type"].removeprefix("urn:problem:")] += 1
-                    line, _ = batch[item["index"]]
-                    refused.write(json.dumps({"line": start + item["index"] + 2, "text": line,
-                                              "status": item["status"], "problem": problem}) + "\n")
-            done = start + len(batch)
-            elapsed = time.monotonic() - started
-            rate = done / elapsed if elapsed > 0 else 0.0
-            eta = (len(lines) - done) / rate if rate else 0.0
-            print(f"\r{done:,}/{len(lines):,} labels  {rate:,.0f}/s  ETA {eta:,.0f} s", end="", file=sys.stderr)
+    starts = range(0, len(lines), args.batch_size)
+
+    def batch_of(number: int) -> list[tuple[str, dict[str, object]]]:
+        return lines[starts[number]:starts[number] + args.batch_size]
+
+    def send(number: int) -> dict:
+        return post_batch(args.url, [item for _, item in batch_of(number)], f"labels-import-{digest}-{number}",
+                          args.api_key, source)
+
+    def take(number: int, answer: dict) -> None:
+        nonlocal accepted, replayed
+        start, batch = starts[number], batch_of(number)
+        accepted += answer["accepted"]
+        replayed += answer["accepted"] if answer["replayed"] else 0
+        for item in answer["items"]:
+            if item["status"] != 201:
+                problem = item["problem"]
+                reasons[problem["type"].removeprefix("urn:problem:")] += 1
+                line, _ = batch[item["index"]]
+                refused.write(json.dumps({"line": start + item["index"] + 2, "text": line,
+                                          "status": item["status"], "problem": problem}) + "\n")
+        done = start + len(batch)
+        elapsed = time.monotonic() - started
+        rate = done / elapsed if elapsed > 0 else 0.0
+        eta = (len(lines) - done) / rate if rate else 0.0
+        print(f"\r{done:,}/{len(lines):,} labels  {rate:,.0f}/s  ETA {eta:,.0f} s", end="", file=sys.stderr)
+
+    # Several batches in flight: the service checks one while it commits another (one client
+    # waiting for each answer leaves a core idle; BENCHMARKS.md). A batch that labels a prediction
+    # a batch in flight also labels waits for it: the file's order decides which label is current.
+    in_flight: collections.deque[tuple[int, concurrent.futures.Future[dict], set[str]]] = collections.deque()
+    with refused_path.open("w", encoding="utf-8") as refused, \
+            concurrent.futures.ThreadPoolExecutor(max_workers=args.in_flight) as pool:
+        for number in range(len(starts)):
+            named = {_prediction(item) for _, item in batch_of(number)}
+            while in_flight and (len(in_flight) >= args.in_flight or any(named & ids for _, _, ids in in_flight)):
+                earlier, answer, _ = in_flight.popleft()
+                take(earlier, answer.result())
+            in_flight.append((number, pool.submit(send, number), named))
+        while in_flight:
+            earlier, answer, _ = in_flight.popleft()
+            take(earlier, answer.result())
     print(file=sys.stderr)
     total_refused = sum(reasons.values())
     print(f"accepted {accepted:,} ({replayed:,} already recorded by an earlier run), refused {total_refused:,}")

@@ -340,17 +340,24 @@ class EventStore:
         )
         return [stored_event(row) for row in rows]
 
-    async def read_streams(self, stream_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, list[StoredEvent]]:
-        """Several streams at once, each in stream order (unknown ids are absent)."""
+    async def read_stream_starts(self, stream_ids: Sequence[uuid.UUID], first: int = 2
+                                 ) -> dict[uuid.UUID, tuple[int, list[Event]]]:
+        """Each stream's version and its first `first` events, decoded (unknown ids are absent):
+        for a writer that needs how a stream began and where it is now, not its whole history
+        (bulk labels). Later events are counted, not read."""
         rows = await self._fetch(
-            f"SELECT {EVENT_COLUMNS} FROM events WHERE stream_id = ANY($1::uuid[]) ORDER BY stream_id, stream_version",
-            list(stream_ids),
+            "SELECT stream_id, stream_version, event_type, schema_version,"
+            " CASE WHEN stream_version <= $2 THEN data END FROM events WHERE stream_id = ANY($1::uuid[])"
+            " ORDER BY stream_id, stream_version",
+            list(stream_ids), first,
         )
-        streams: dict[uuid.UUID, list[StoredEvent]] = {}
-        for row in rows:
-            event = StoredEvent(*row)
-            streams.setdefault(event.stream_id, []).append(event)
-        return streams
+        starts: dict[uuid.UUID, tuple[int, list[Event]]] = {}
+        for stream_id, version, kind, schema_version, data in rows:
+            _, events = starts.get(stream_id) or (0, [])
+            if data is not None:
+                events.append(decode_event(kind, schema_version, data))
+            starts[stream_id] = (version, events)
+        return starts
 
     async def find_events(self, places: Sequence[tuple[uuid.UUID, int]]) -> dict[tuple[uuid.UUID, int], StoredEvent]:
         """Events by (stream id, stream version)."""

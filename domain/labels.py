@@ -57,8 +57,10 @@ def classes_of(output_kind: str, output_width: int) -> int:
     return output_width if output_kind == "vector" and output_width > 1 else 2
 
 
-def label_target(events: Sequence[Event]) -> LabelTarget | None:
-    """None unless the events are a prediction's stream with its outcome."""
+def label_target(events: Sequence[Event], *, version: int | None = None) -> LabelTarget | None:
+    """None unless the events are a prediction's stream with its outcome. `events` is the whole
+    stream; or, with `version` (the stream's), only its beginning: the current label is then not
+    known (None), which recording a label does not need."""
     if len(events) < 2 or not isinstance(events[0], PredictionRequested):
         return None
     outcome = events[1]
@@ -76,7 +78,7 @@ def label_target(events: Sequence[Event]) -> LabelTarget | None:
             current = None
     return LabelTarget(
         status=status, model_sha256=events[0].model.sha256, num_classes=num_classes, likely_class=likely,
-        version=len(events), current_label=current,
+        version=len(events) if version is None else version, current_label=current,
     )
 
 

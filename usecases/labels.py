@@ -141,9 +141,9 @@ class LabelService:
             except Rejected as refused:
                 parsed.append((index, refused))
         wanted = {item.prediction_id for _, item in parsed if not isinstance(item, Rejected)}
-        streams = await self._store.read_streams(list(wanted))
-        targets = {stream: target for stream, events in streams.items()
-                   if (target := label_target([event.decode() for event in events])) is not None}
+        starts = await self._store.read_stream_starts(list(wanted))
+        targets = {stream: target for stream, (version, first) in starts.items()
+                   if (target := label_target(first, version=version)) is not None}
         items: list[LabelBatchItem] = []
         by_stream: dict[uuid.UUID, list[Event]] = {}
         for index, item in parsed:

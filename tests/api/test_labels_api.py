@@ -262,6 +262,10 @@ def test_labels_import_sends_a_csv_in_batches_reports_refusals_and_is_idempotent
     made = [predict(client, 20 + i) for i in range(7)]
     rows = ["prediction_id,label,source,note"] + [f"{m['prediction_id']},{m['likely_class']},,ok" for m in made]
     rows += [f"{uuid.uuid4()},1,,unknown", f"{made[0]['prediction_id']},x,,not a number"]
+    # A correction in the next batch, while the batch with the first label may still be in flight:
+    # the file's order decides which label is current.
+    corrected = (made[6]["likely_class"] + 1) % 10
+    rows += [f"{made[6]['prediction_id'].upper()},{corrected},,corrected"]
     labels_csv = tmp_path / "labels.csv"
     labels_csv.write_text("\n".join(rows) + "\n")
 
@@ -272,14 +276,16 @@ def test_labels_import_sends_a_csv_in_batches_reports_refusals_and_is_idempotent
 
     first = run()
     assert first.returncode == 1, first.stderr  # something was refused
-    assert "accepted 7 (0 already recorded" in first.stdout and "refused 2" in first.stdout
+    assert "accepted 8 (0 already recorded" in first.stdout and "refused 2" in first.stdout
     assert "prediction_not_found: 1" in first.stdout and "invalid_label: 1" in first.stdout
     refused = [line for line in (tmp_path / "labels.csv.refused.ndjson").read_text().splitlines()]
     assert [json.loads(line)["line"] for line in refused] == [9, 10]
     assert "labels" in first.stderr and "/s" in first.stderr  # the progress line
     history = client.get(f"/prediction/{made[3]['prediction_id']}/labels").json()
     assert [(h["source"], h["note"]) for h in history] == [("labels.csv", "ok")]
+    history = client.get(f"/prediction/{made[6]['prediction_id']}/labels").json()
+    assert [h["note"] for h in history] == ["ok", "corrected"] and history[-1]["label"] == corrected
 
     second = run()
-    assert "accepted 7 (7 already recorded by an earlier run)" in second.stdout
+    assert "accepted 8 (8 already recorded by an earlier run)" in second.stdout
     assert len(client.get(f"/prediction/{made[3]['prediction_id']}/labels").json()) == 1

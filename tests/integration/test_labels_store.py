@@ -52,6 +52,9 @@ async def test_two_labels_at_once_both_land_in_order_and_the_later_is_current(la
     assert isinstance(last, GroundTruthRecorded)
     history = await service.history(request.stream_id)
     assert [h.stream_version for h in history] == [3, 4] and history[-1].label == last.label
+    # What bulk labelling reads: where the stream is, and only its request and outcome.
+    version, first = (await store.read_stream_starts([request.stream_id, uuid.uuid4()]))[request.stream_id]
+    assert version == 4 and first == stream[:2]
 
 
 async def test_many_concurrent_labels_for_one_prediction_all_land(labels):
