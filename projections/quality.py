@@ -10,6 +10,7 @@ position that superseded it), so an earlier state of the log is a query, not a r
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from typing import Literal
@@ -25,19 +26,27 @@ Bucket = Literal["hour", "day"]
 EDGES_SQL = "ARRAY[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]::float8[]"
 
 
-def confidence_sql(output: str) -> str:
-    """The top confidence of a recorded output (a scalar model's p is read as [1 - p, p])."""
+def confidence_sql(output: str, classes: int | None = None) -> str:
+    """The top confidence of a recorded output (a scalar model's p is read as [1 - p, p]). With
+    `classes`, a vector's maximum is one expression over its elements instead of a subquery per
+    row (the same value: max is exact)."""
+    vector = (f"greatest({', '.join(f'{output}[{i}]' for i in range(1, classes + 1))})" if classes
+              else f"(SELECT max(v) FROM unnest({output}) AS v)")
     return (f"CASE WHEN {output} IS NULL THEN NULL "
             f"WHEN cardinality({output}) = 1 THEN greatest(1 - {output}[1], {output}[1]) "
-            f"ELSE (SELECT max(v) FROM unnest({output}) AS v) END")
+            f"ELSE {vector} END")
 
 
-def brier_sql(output: str, truth: str) -> str:
-    """Sum over classes of (p_k - y_k)^2 with y the one-hot label; NULL without output or label."""
+def brier_sql(output: str, truth: str, classes: int | None = None) -> str:
+    """Sum over classes of (p_k - y_k)^2 with y the one-hot label; NULL without output or label.
+    With `classes`, a vector's sum is one expression, added in the same order as the subquery's
+    `sum` adds (so the same float8)."""
+    vector = (" + ".join(f"({output}[{i}] - ({truth} = {i - 1})::int) ^ 2" for i in range(1, classes + 1)) if classes
+              else f"(SELECT sum((v - (i - 1 = {truth})::int) ^ 2) FROM unnest({output}) WITH ORDINALITY AS o(v, i))")
     return (f"CASE WHEN {output} IS NULL OR {truth} IS NULL THEN NULL "
             f"WHEN cardinality({output}) = 1 "
             f"THEN (1 - {output}[1] - ({truth} = 0)::int) ^ 2 + ({output}[1] - ({truth} = 1)::int) ^ 2 "
-            f"ELSE (SELECT sum((v - (i - 1 = {truth})::int) ^ 2) FROM unnest({output}) WITH ORDINALITY AS o(v, i)) END")
+            f"ELSE {vector} END")
 
 
 class ModelEntry(msgspec.Struct, frozen=True, kw_only=True):
@@ -66,31 +75,36 @@ class BucketCounts(msgspec.Struct, frozen=True):
     counts: QualityCounts
 
 
-_CELLS_SQL = f"""
-    WITH features AS MATERIALIZED (  -- narrow rows: the outputs are not carried into the sort
-        SELECT date_trunc($5, p.recorded_at AT TIME ZONE 'UTC') AS bucket, p.status, p.likely_class,
-               {{truth}} AS truth, c.confidence, {brier_sql("p.output", "{truth}")} AS brier
-        FROM public.predictions AS p
-        {{label_join}}
-        CROSS JOIN LATERAL (SELECT {confidence_sql("p.output")} AS confidence) AS c
-        WHERE p.model_sha256 = $1 AND p.position <= $2 AND p.recorded_at >= $3 AND p.recorded_at < $4
-    )
-    SELECT bucket, status, likely_class, truth, width_bucket(confidence, {EDGES_SQL}) AS bin, count(*) AS n,
-           coalesce(sum(confidence), 0) AS confidence_sum, coalesce(sum(brier), 0) AS brier_sum
-    FROM features
-    GROUP BY bucket, status, likely_class, truth, bin
-    ORDER BY bucket, status, likely_class, truth, bin
-"""
-_CURRENT = _CELLS_SQL.format(truth="p.label", label_join="")
-# The label current at $2: the label event at or before it that nothing at or before it
-# superseded (a withdrawal has no label). `superseded_at` makes this a join, not a lookup per
-# prediction.
-_AS_OF = _CELLS_SQL.format(
-    truth="l.label",
-    label_join="""LEFT JOIN public.labels AS l
+@functools.cache
+def _cells_sql(classes: int, as_of: bool) -> str:
+    """Cells aggregated from the predictions (and, as of a position, the label history): one pass
+    with the confidence and Brier terms as expressions over the model's `classes` outputs and a
+    hash aggregate, which PostgreSQL may run in parallel (1M predictions in about 2 s on two cores;
+    BENCHMARKS.md)."""
+    truth = "l.label" if as_of else "p.label"
+    # The label current at $2: the label event at or before it that nothing at or before it
+    # superseded (a withdrawal has no label). `superseded_at` makes this a join, not a lookup per
+    # prediction.
+    label_join = """LEFT JOIN public.labels AS l
             ON l.prediction_id = p.prediction_id AND l.position <= $2
-           AND (l.superseded_at IS NULL OR l.superseded_at > $2)""",
-)
+           AND (l.superseded_at IS NULL OR l.superseded_at > $2)""" if as_of else ""
+    return f"""
+    SELECT date_trunc($5, p.recorded_at AT TIME ZONE 'UTC') AS bucket, p.status, p.likely_class, {truth} AS truth,
+           width_bucket(c.confidence, {EDGES_SQL}) AS bin, count(*) AS n,
+           coalesce(sum(c.confidence), 0) AS confidence_sum,
+           coalesce(sum({brier_sql("p.output", truth, classes)}), 0) AS brier_sum
+    FROM public.predictions AS p
+    {label_join}
+    CROSS JOIN LATERAL (SELECT {confidence_sql("p.output", classes)} AS confidence) AS c
+    WHERE p.model_sha256 = $1 AND p.position <= $2 AND p.recorded_at >= $3 AND p.recorded_at < $4
+    GROUP BY 1, 2, 3, 4, 5
+    ORDER BY 1, 2, 3, 4, 5
+"""
+
+
+# Memory for the aggregate of a whole model's predictions (a few hundred cells; the sort or hash
+# of a million rows would spill to disk with the default 4 MB).
+AGGREGATE_WORK_MEM = "64MB"
 
 
 # The same cells, kept current by the projection (hourly): summed instead of recomputed.
@@ -121,7 +135,9 @@ async def bucket_counts(
     if current and kept and _on_the_hour(since) and _on_the_hour(until):
         rows = await connection.fetch(_KEPT, sha256, since, until, bucket)
     else:
-        rows = await connection.fetch(_CURRENT if current else _AS_OF, sha256, position, since, until, bucket)
+        async with connection.transaction():
+            await connection.execute(f"SET LOCAL work_mem = '{AGGREGATE_WORK_MEM}'")
+            rows = await connection.fetch(_cells_sql(num_classes, not current), sha256, position, since, until, bucket)
     buckets: dict[datetime, list[asyncpg.Record]] = {}
     for row in rows:
         buckets.setdefault(row["bucket"], []).append(row)
