@@ -97,6 +97,13 @@ bench *ARGS: setup
     @command -v wrk >/dev/null 2>&1 || (echo "installing wrk from Debian" && apt-get update -qq && apt-get install -y -qq wrk >/dev/null)
     {{uv}} run --frozen --group bench python bench/run.py {{ARGS}}
     {{run}} python bench/tlog_bench.py
+    {{run}} python bench/labels_bench.py
+
+# ground truth at scale: bulk labels on a 2M-event log, quality now and as of a position, uploads while labelling
+[group('bench')]
+bench-labels *ARGS: setup
+    @command -v wrk >/dev/null 2>&1 || (echo "installing wrk from Debian" && apt-get update -qq && apt-get install -y -qq wrk >/dev/null)
+    {{run}} python bench/labels_bench.py {{ARGS}}
 
 # the transparency log alone: integrator catch-up, proofs and tiles on a synthetic 10M-leaf tree (`--leaves N`)
 [group('bench')]

@@ -1,14 +1,15 @@
 """Ground truth at scale: bulk label ingestion and model-quality answers on a large log.
 
-    python bench/labels_bench.py [--events 1000000] [--request-items 10000] [--labels 200000]
+    python bench/labels_bench.py [--events 2000000] [--request-items 10000] [--labels 1000000] [--uploads-s 10]
 
 On DATABASE_URL's server when set, otherwise a private embedded PostgreSQL. Loads a synthetic log
 (bench/replay_bench.py's: one stream per prediction, 10 classes, one in 20 failed) with COPY,
 registers its model, lets the projection worker catch up, then times:
 - bulk ingestion: `LabelService.record_many` with requests of `--request-items` items (the path
-  POST /labels runs, without HTTP), labels/s;
-- the current quality (from the kept quality cells) and the quality as of an earlier position
-  (aggregated from the predictions and the label history): median and max of several calls.
+  POST /labels runs, without HTTP), one request in flight, then two (as `just labels-import`);
+- the current quality (from the kept quality cells) and the quality as of an early position
+  of the labelling (aggregated from the predictions and the label history): median and max;
+- upload throughput of a service on that log (wrk), alone and while labels are posted to it.
 """
 
 from __future__ import annotations
@@ -17,22 +18,27 @@ import argparse
 import asyncio
 import statistics
 import sys
+import tempfile
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import asyncpg
+import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from replay_bench import MODEL, run_on_a_server, synthetic_log, throwaway_database  # noqa: E402
+from wrk import DIGITS, wrk  # noqa: E402
 
 from db.group_commit import GroupCommitter  # noqa: E402
 from db.store import AppendRequest, EventStore  # noqa: E402
 from domain.events import ModelRegistered  # noqa: E402
 from domain.streams import model_stream_id  # noqa: E402
+from harness.live import LiveService  # noqa: E402
 from projections import quality  # noqa: E402
 from projections.worker import ProjectionRunner  # noqa: E402
-from replay_bench import MODEL, run_on_a_server, synthetic_log, throwaway_database  # noqa: E402
 from usecases.labels import LabelService  # noqa: E402
 
 ALL_TIME = (datetime(1, 1, 1, tzinfo=timezone.utc), datetime(9999, 12, 31, tzinfo=timezone.utc))
@@ -42,7 +48,7 @@ async def caught_up(runner_done: asyncio.Event, timeout_s: float = 900) -> None:
     await asyncio.wait_for(runner_done.wait(), timeout_s)
 
 
-async def bench(admin_dsn: str, events: int, request_items: int, labels: int) -> None:
+async def bench(admin_dsn: str, events: int, request_items: int, labels: int, uploads_s: float) -> None:
     async with throwaway_database(admin_dsn, "audit_labels") as (_, owner_dsn, app_dsn):
         records = synthetic_log(events)
         connection = await asyncpg.connect(owner_dsn)
@@ -85,11 +91,18 @@ async def bench(admin_dsn: str, events: int, request_items: int, labels: int) ->
                     for start in range(0, len(wanted), request_items)]
         first = await service.record_many(requests.pop(0), metadata={})
         before = first.batch.position  # an as_of early in the labelling: most of the history is after it
-        # One client waiting for each answer, then two requests in flight (as `just labels-import`
-        # sends them): the service checks one while it commits the other.
-        for in_flight, share in ((1, len(requests) // 3), (2, len(requests) - len(requests) // 3)):
+        # The ingestion alone (the projection worker paused: it would share the two cores), one
+        # client waiting for each answer, then two requests in flight (as `just labels-import` sends
+        # them: the service checks one while it commits the other); then two in flight while the
+        # worker projects what arrives, as in service.
+        await runner.stop()
+        third = len(requests) // 3
+        for in_flight, share, projecting in ((1, third, False), (2, third, False), (2, len(requests) - 2 * third, True)):
             mine, rates = requests[:share], []
             del requests[:share]
+            if projecting:
+                runner = ProjectionRunner(app_dsn, batch_size=5000, on_applied=on_applied, poll_interval_s=0.2)
+                await runner.start()
 
             async def client(queue: list[list[dict]]) -> None:
                 while queue:
@@ -102,15 +115,17 @@ async def bench(admin_dsn: str, events: int, request_items: int, labels: int) ->
             total = sum(len(chunk) for chunk in mine)
             began = time.perf_counter()
             await asyncio.gather(*(client(mine) for _ in range(in_flight)))
-            print(f"bulk labels, {in_flight} request(s) in flight: {total:,} in requests of {request_items:,}: "
-                  f"{total / (time.perf_counter() - began):,.0f} labels/s (one request alone: median "
-                  f"{statistics.median(rates):,.0f} labels/s)")
+            print(f"bulk labels, {in_flight} request(s) in flight, projection {'running' if projecting else 'paused'}: "
+                  f"{total:,} in requests of {request_items:,}: {total / (time.perf_counter() - began):,.0f} labels/s "
+                  f"(each request: median {statistics.median(rates):,.0f} labels/s)")
         await committer.close()
 
         last = await pool.fetchval("SELECT max(position) FROM events")
         done.clear()
         target["position"] = last
+        started = time.perf_counter()
         await caught_up(done)
+        print(f"projection caught up with the labels {time.perf_counter() - started:.1f} s after the last one")
         owner = await asyncpg.connect(owner_dsn)
         try:  # what autovacuum does within a minute of such a load; without it the planner, still
             # believing the tables empty, joins the label history by a lookup per prediction
@@ -137,15 +152,65 @@ async def bench(admin_dsn: str, events: int, request_items: int, labels: int) ->
                       f"(max {max(timings) * 1000:,.1f} ms) over {len(made):,} predictions")
         await runner.stop()
         await pool.close()
+        if uploads_s > 0:
+            await uploads_while_labelling(owner_dsn, made, request_items, uploads_s)
+
+
+async def uploads_while_labelling(owner_dsn: str, made: list, request_items: int, seconds: float) -> None:
+    """Upload throughput of the service (wrk, 16 connections) alone and while a labelling tool
+    posts bulk labels to it, interleaved, two rounds: labels must not slow the uploads down."""
+    with tempfile.TemporaryDirectory() as folder:
+        scratch = Path(folder)
+        manifest = scratch / "digits.txt"
+        manifest.write_text("".join(f"{path}\n" for path in sorted(DIGITS.glob("*.png"))))
+        service = LiveService(owner_dsn, scratch / "service.log")
+        service.start(ready_timeout_s=300)
+        try:
+            await wrk(service.url, 16, 3, "multipart", manifest, scratch / "warm.json")
+            alone, along, rates = [], [], []
+            for _ in range(2):
+                alone.append(rate(await wrk(service.url, 16, seconds, "multipart", manifest, scratch / "a.json")))
+                stop = asyncio.Event()
+                posted = asyncio.create_task(post_labels(service.url, made, request_items, stop))
+                began = time.perf_counter()
+                along.append(rate(await wrk(service.url, 16, seconds, "multipart", manifest, scratch / "b.json")))
+                stop.set()
+                rates.append(await posted / (time.perf_counter() - began))
+        finally:
+            service.stop()
+    print(f"uploads at 16 connections: {max(alone):,.0f} req/s alone, {max(along):,.0f} req/s while labels are "
+          f"ingested ({min(rates):,.0f}-{max(rates):,.0f} labels/s over HTTP meanwhile): "
+          f"{max(along) / max(alone):.0%} (best of two interleaved rounds each)")
+
+
+def rate(summary: dict) -> float:
+    """Created predictions per second in one wrk run (bench/upload.lua's summary)."""
+    return summary["created"] / (summary["duration_us"] / 1e6)
+
+
+async def post_labels(url: str, made: list, request_items: int, stop: asyncio.Event) -> int:
+    """POST /labels in requests of `request_items` until told to stop; the labels it got in."""
+    sent, at = 0, 0
+    async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+        while not stop.is_set():
+            chunk = made[at:at + request_items] or made[:request_items]
+            at = (at + request_items) % len(made)
+            answer = await client.post("/labels", json=[
+                {"prediction_id": str(stream), "label": i % 10, "source": "bench-http"} for i, stream in enumerate(chunk)])
+            assert answer.status_code == 200, answer.text
+            sent += answer.json()["accepted"]
+    return sent
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--events", type=int, default=1_000_000)
+    parser.add_argument("--events", type=int, default=2_000_000)
     parser.add_argument("--request-items", type=int, default=10_000)
-    parser.add_argument("--labels", type=int, default=200_000)
+    parser.add_argument("--labels", type=int, default=1_000_000, help="at most; each made prediction is labelled once")
+    parser.add_argument("--uploads-s", type=float, default=10.0,
+                        help="seconds of each upload run, alone and while labelling (0: skip that phase)")
     args = parser.parse_args()
-    run_on_a_server(lambda admin_dsn: bench(admin_dsn, args.events, args.request_items, args.labels))
+    run_on_a_server(lambda admin_dsn: bench(admin_dsn, args.events, args.request_items, args.labels, args.uploads_s))
 
 
 if __name__ == "__main__":

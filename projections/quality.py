@@ -178,6 +178,36 @@ def total(buckets: Sequence[BucketCounts], num_classes: int) -> QualityCounts:
     return merge((b.counts for b in buckets), num_classes)
 
 
+async def window_and_reference(
+    connection: asyncpg.Connection, sha256: str, num_classes: int, *, position: int, current: bool,
+    since: datetime, until: datetime, bucket: Bucket, reference_since: datetime, reference_until: datetime,
+) -> tuple[list[BucketCounts], QualityCounts]:
+    """The window's buckets and the drift reference's total. Aggregated from the predictions (as
+    of a position), both come from one pass by the hour when the four bounds are whole hours: a
+    second pass for the reference doubled the cost of every `as_of` answer."""
+    bounds = (since, until, reference_since, reference_until)
+    if current or not all(_on_the_hour(moment) for moment in bounds):
+        buckets = await bucket_counts(connection, sha256, num_classes, position=position, current=current,
+                                      since=since, until=until, bucket=bucket)
+        reference = await bucket_counts(connection, sha256, num_classes, position=position, current=current,
+                                        since=reference_since, until=reference_until, bucket="day")
+        return buckets, total(reference, num_classes)
+    hours = await bucket_counts(connection, sha256, num_classes, position=position, current=False,
+                                since=min(since, reference_since), until=max(until, reference_until), bucket="hour")
+
+    def within(start: datetime, lower: datetime, upper: datetime) -> bool:
+        return lower <= start.replace(tzinfo=timezone.utc) < upper
+
+    regrouped: dict[datetime, list[QualityCounts]] = {}
+    for hour in hours:
+        if within(hour.start, since, until):
+            start = hour.start if bucket == "hour" else hour.start.replace(hour=0)
+            regrouped.setdefault(start, []).append(hour.counts)
+    buckets = [BucketCounts(start, merge(counts, num_classes)) for start, counts in sorted(regrouped.items())]
+    reference = merge((h.counts for h in hours if within(h.start, reference_since, reference_until)), num_classes)
+    return buckets, reference
+
+
 async def models(connection: asyncpg.Connection, sha256: str | None = None) -> list[ModelEntry]:
     """Every registered model (or the one named), oldest registration first, with its use: the
     counts from the kept quality cells, the first and last use from the predictions of the first

@@ -127,15 +127,12 @@ async def measure(
         position = tracked if as_of is None else as_of
         current = as_of is None or as_of == tracked
         k = entry.num_classes
-        buckets = await quality.bucket_counts(connection, sha256, k, position=position, current=current,
-                                              since=since, until=until, bucket=bucket)
         reference_since = (reference_since or entry.first_day()
                            or datetime.now(timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0))
         reference_until = reference_until or reference_since + timedelta(days=1)
-        reference = quality.total(await quality.bucket_counts(
-            connection, sha256, k, position=position, current=current, since=reference_since,
-            until=reference_until, bucket="day",
-        ), k)
+        buckets, reference = await quality.window_and_reference(
+            connection, sha256, k, position=position, current=current, since=since, until=until, bucket=bucket,
+            reference_since=reference_since, reference_until=reference_until)
     counts = quality.total(buckets, k)
     return ModelQuality(
         model=entry, as_of_position=position, window=Window(since=_shown(since), until=_shown(until)),

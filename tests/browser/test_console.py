@@ -100,6 +100,38 @@ async def test_keyboard_only_reaches_verification(service, client, browsing):
     assert browsing.errors == []
 
 
+async def tab_to(page, selector: str, presses: int = 60) -> None:
+    """Press Tab until the element matching `selector` has the focus (as a keyboard user would)."""
+    for _ in range(presses):
+        await page.keyboard.press("Tab")
+        if await page.evaluate("(s) => document.activeElement && document.activeElement.matches(s)", selector):
+            return
+    pytest.fail(f"Tab never reached {selector}")
+
+
+async def test_keyboard_only_filtering_opening_and_labelling(service, client, browsing):
+    page = browsing.page
+    made = upload(client, 13, wait=True)
+    await page.goto(f"{service.url}/ui/")
+    await tab_to(page, "nav a[href='/ui/predictions']")
+    await page.keyboard.press("Enter")
+    await expect(page).to_have_url(re.compile(r"/ui/predictions$"))
+    await tab_to(page, "input[name='class']")
+    await page.keyboard.type(str(made["likely_class"]))
+    await page.keyboard.press("Enter")  # submits the filter form
+    await expect(page).to_have_url(re.compile(rf"class={made['likely_class']}"))
+    await tab_to(page, f"#rows a[href='/ui/prediction/{made['prediction_id']}']")
+    await page.keyboard.press("Enter")
+    await expect(page.get_by_role("heading", name=f"Class {made['likely_class']}")).to_be_visible()
+    await tab_to(page, "#note")
+    await page.keyboard.type("typed without a mouse")
+    await page.keyboard.press("Enter")  # submits the label form with the selected label
+    await expect(page.locator("dl")).to_contain_text("(correct)" if made["likely_class"] == 0 else "(wrong)")
+    labels = client.get(f"/prediction/{made['prediction_id']}/labels").json()
+    assert labels[-1]["note"] == "typed without a mouse"
+    assert browsing.errors == []
+
+
 async def test_a_hostile_filename_is_text_and_runs_nothing(service, client, browsing):
     page = browsing.page
     hostile = "<img src=x onerror=alert(1)>.png"
@@ -225,10 +257,14 @@ async def test_uploading_through_the_page_shows_each_result_and_the_list_follows
         chosen.append(path)
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"this is not a picture")
-    await page.locator("#files").set_input_files([*chosen, broken])  # choosing uploads at once
+    hostile = tmp_path / "<img src=x onerror=alert(1)>.png"
+    hostile.write_bytes(digit_files()[14][0].read_bytes())
+    await page.locator("#files").set_input_files([*chosen, broken, hostile])  # choosing uploads at once
     results = page.locator("#results li")
-    await expect(results).to_have_count(3)
-    await expect(page.locator("#results li.ok")).to_have_count(2, timeout=15_000)
+    await expect(results).to_have_count(4)
+    await expect(page.locator("#results li.ok")).to_have_count(3, timeout=15_000)
+    await expect(page.locator("#results li.ok", has_text=hostile.name)).to_be_visible()  # as text
+    assert await page.locator("img[src='x']").count() == 0
     await expect(page.locator("#results li.bad")).to_contain_text("broken.png")
     for path in chosen:
         link = page.locator("#results li.ok", has_text=path.name).get_by_role("link")

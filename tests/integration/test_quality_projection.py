@@ -178,6 +178,17 @@ async def _run_examples(store, database, owner) -> None:
                 assert {b.start.replace(tzinfo=timezone.utc) for b in got} == set(expected)
                 for b in got:
                     assert_counts_equal(b.counts, expected[b.start.replace(tzinfo=timezone.utc)])
+                # What an `as_of` answer uses: the window by day and the drift reference from one
+                # pass by the hour, equal to aggregating each on its own.
+                days, first_hours = await quality.window_and_reference(
+                    connection, model.sha256, k, position=position, current=False, since=BASE - 24 * HOUR,
+                    until=BASE + 48 * HOUR, bucket="day", reference_since=BASE, reference_until=BASE + 3 * HOUR)
+                by_day = await quality.bucket_counts(connection, model.sha256, k, position=position, current=False,
+                                                     since=BASE - 24 * HOUR, until=BASE + 48 * HOUR, bucket="day")
+                assert [b.start for b in days] == [b.start for b in by_day]
+                for mine, theirs in zip(days, by_day, strict=True):
+                    assert_counts_equal(mine.counts, theirs.counts)
+                assert_counts_equal(first_hours, merge((expected[h] for h in expected if h < BASE + 3 * HOUR), k))
             current = await quality.bucket_counts(connection, model.sha256, k, position=head, current=True,
                                                   since=BASE - HOUR, until=BASE + 10 * HOUR, bucket="day",
                                                   kept=False)
