@@ -20,7 +20,6 @@ import statistics
 import sys
 import tempfile
 import time
-from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import asyncpg
@@ -37,11 +36,8 @@ from db.store import AppendRequest, EventStore  # noqa: E402
 from domain.events import ModelRegistered  # noqa: E402
 from domain.streams import model_stream_id  # noqa: E402
 from harness.live import LiveService  # noqa: E402
-from projections import quality  # noqa: E402
 from projections.worker import ProjectionRunner  # noqa: E402
 from usecases.labels import LabelService  # noqa: E402
-
-ALL_TIME = (datetime(1, 1, 1, tzinfo=timezone.utc), datetime(9999, 12, 31, tzinfo=timezone.utc))
 
 
 async def caught_up(runner_done: asyncio.Event, timeout_s: float = 900) -> None:
@@ -90,7 +86,7 @@ async def bench(admin_dsn: str, events: int, request_items: int, labels: int, up
                      for i, stream in enumerate(wanted[start:start + request_items])]
                     for start in range(0, len(wanted), request_items)]
         first = await service.record_many(requests.pop(0), metadata={})
-        before = first.batch.position  # an as_of early in the labelling: most of the history is after it
+        before = first.head_position  # an as_of early in the labelling: most of the history is after it
         # The ingestion alone (the projection worker paused: it would share the two cores), one
         # client waiting for each answer, then two requests in flight (as `just labels-import` sends
         # them: the service checks one while it commits the other); then two in flight while the
@@ -103,6 +99,8 @@ async def bench(admin_dsn: str, events: int, request_items: int, labels: int, up
             if projecting:
                 runner = ProjectionRunner(app_dsn, batch_size=5000, on_applied=on_applied, poll_interval_s=0.2)
                 await runner.start()
+            if not mine:
+                continue
 
             async def client(queue: list[list[dict]]) -> None:
                 while queue:
@@ -133,39 +131,36 @@ async def bench(admin_dsn: str, events: int, request_items: int, labels: int, up
         finally:
             await owner.close()
 
-        async with pool.acquire() as connection:
-            for label, current, position in (("current (kept cells)", True, last), ("as_of (aggregated)", False, before)):
-                timings = []
-                for _ in range(5):
-                    began = time.perf_counter()  # what GET /models/{sha}/quality asks the database
-                    (entry,) = await quality.models(connection, MODEL.sha256)
-                    buckets = await quality.bucket_counts(connection, MODEL.sha256, 10, position=position,
-                                                          current=current, since=ALL_TIME[0], until=ALL_TIME[1],
-                                                          bucket="day")
-                    quality.total(buckets, 10)
-                    day = entry.first_day()
-                    assert day is not None
-                    await quality.bucket_counts(connection, MODEL.sha256, 10, position=position, current=current,
-                                                since=day, until=day + timedelta(days=1), bucket="day")
-                    timings.append(time.perf_counter() - began)
-                print(f"quality {label}: median {statistics.median(timings) * 1000:,.1f} ms "
-                      f"(max {max(timings) * 1000:,.1f} ms) over {len(made):,} predictions")
         await runner.stop()
         await pool.close()
-        if uploads_s > 0:
-            await uploads_while_labelling(owner_dsn, made, request_items, uploads_s)
+        await on_the_service(owner_dsn, made, request_items, before, uploads_s)
 
 
-async def uploads_while_labelling(owner_dsn: str, made: list, request_items: int, seconds: float) -> None:
-    """Upload throughput of the service (wrk, 16 connections) alone and while a labelling tool
-    posts bulk labels to it, interleaved, two rounds: labels must not slow the uploads down."""
+async def on_the_service(owner_dsn: str, made: list, request_items: int, before: int, seconds: float) -> None:
+    """A service on this log (its tree integrator off: it would integrate the whole loaded log
+    meanwhile): `GET /models/{sha}/quality` now and `?as_of=` early in the labelling, then its
+    upload throughput (wrk, 16 connections) alone and while a labelling tool posts bulk labels
+    to it, interleaved, two rounds each."""
     with tempfile.TemporaryDirectory() as folder:
         scratch = Path(folder)
         manifest = scratch / "digits.txt"
         manifest.write_text("".join(f"{path}\n" for path in sorted(DIGITS.glob("*.png"))))
-        service = LiveService(owner_dsn, scratch / "service.log")
+        service = LiveService(owner_dsn, scratch / "service.log", TREE_INTEGRATOR="off")
         service.start(ready_timeout_s=300)
         try:
+            async with httpx.AsyncClient(base_url=service.url, timeout=120) as client:
+                for name, params in (("now (the kept cells)", {}), (f"as_of={before} (aggregated)", {"as_of": before})):
+                    timings = []
+                    for _ in range(5):
+                        began = time.perf_counter()
+                        answer = await client.get(f"/models/{MODEL.sha256}/quality", params=params)
+                        timings.append(time.perf_counter() - began)
+                        assert answer.status_code == 200, answer.text
+                    print(f"GET /models/{{sha}}/quality {name}: median {statistics.median(timings) * 1000:,.1f} ms "
+                          f"(max {max(timings) * 1000:,.1f} ms) over {len(made):,} predictions, "
+                          f"{answer.json()['report']['labelled']:,} labelled then")
+            if seconds <= 0:
+                return
             await wrk(service.url, 16, 3, "multipart", manifest, scratch / "warm.json")
             alone, along, rates = [], [], []
             for _ in range(2):
@@ -176,11 +171,11 @@ async def uploads_while_labelling(owner_dsn: str, made: list, request_items: int
                 along.append(rate(await wrk(service.url, 16, seconds, "multipart", manifest, scratch / "b.json")))
                 stop.set()
                 rates.append(await posted / (time.perf_counter() - began))
+            print(f"uploads at 16 connections: {max(alone):,.0f} req/s alone, {max(along):,.0f} req/s while labels are "
+                  f"ingested ({min(rates):,.0f}-{max(rates):,.0f} labels/s over HTTP meanwhile): "
+                  f"{max(along) / max(alone):.0%} (best of two interleaved rounds each)")
         finally:
             service.stop()
-    print(f"uploads at 16 connections: {max(alone):,.0f} req/s alone, {max(along):,.0f} req/s while labels are "
-          f"ingested ({min(rates):,.0f}-{max(rates):,.0f} labels/s over HTTP meanwhile): "
-          f"{max(along) / max(alone):.0%} (best of two interleaved rounds each)")
 
 
 def rate(summary: dict) -> float:
