@@ -45,7 +45,7 @@ async def test_new_predictions_appear_without_a_reload_and_filters_narrow_the_ta
     await expect(page.locator(f"a[href='/ui/prediction/{made['prediction_id']}']").first).to_be_visible(timeout=10_000)
     assert await rows.count() == before + 1
     wanted = made["likely_class"]
-    await page.get_by_label("Class").fill(str(wanted))
+    await page.get_by_role("spinbutton", name="Class").fill(str(wanted))
     await page.get_by_role("button", name="Filter").click()
     await expect(page).to_have_url(re.compile(rf"class={wanted}"))
     classes = await page.locator("#rows tr td:nth-child(3)").all_inner_texts()
