@@ -48,7 +48,7 @@ class AuditJob(msgspec.Struct, frozen=True):
     finished_at: datetime | None
     ok: bool | None
     verdict: str | None  # one line for people
-    report: Any | None  # the command's own report (verify's or reproduce's)
+    report: dict[str, Any] | None  # the command's own report (verify's or reproduce's)
 
 
 def _job(row: asyncpg.Record) -> AuditJob:
