@@ -14,17 +14,21 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 class Target:
-    """A server under load: its name, URL and the pid whose CPU we read."""
+    """A server under load: its name, URL, the pid whose CPU we read, and the status its
+    successful uploads answer (201: stored; the BentoML peer stores nothing and answers 200)."""
 
-    def __init__(self, name: str, url: str, pid: int, database: str | None) -> None:
+    def __init__(self, name: str, url: str, pid: int, database: str | None, ok_status: int = 201) -> None:
         self.name, self.url, self.pid, self.database = name, url, pid, database
+        self.ok_status = ok_status
 
 
 class Subprocess:
-    """A bench-only server (reference, HTTP ceiling) on a free port; stopped with SIGTERM."""
+    """A bench-only server (reference, HTTP ceiling, BentoML peer) on a free port; stopped with SIGTERM."""
 
-    def __init__(self, name: str, argv: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, name: str, argv: list[str], log_path: Path, env: dict[str, str] | None = None,
+                 health_path: str = "/health") -> None:
         self.name = name
+        self.health_path = health_path
         self.port = live.free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
@@ -35,7 +39,7 @@ class Subprocess:
         )
 
     def wait_ready(self, timeout_s: float = 180.0) -> None:
-        live.wait_ready(self.process, f"{self.url}/health", timeout_s, self.name, self.log)
+        live.wait_ready(self.process, f"{self.url}{self.health_path}", timeout_s, self.name, self.log)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-3000:]

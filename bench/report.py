@@ -20,6 +20,7 @@ TARGETS = {  # what the service should reach; each ratio compares runs made side
     "lag_p99_ms": 250.0,
     "integration_delay_p99_ms": 1500.0,
     "integrator_cost": 0.05,  # c=top uploads with the tree integrator within 5% of without it
+    "ratio_vs_bentoml": {1: 4.0, 16: 4.0, 64: 5.0},  # by connections (issue 15)
 }
 
 
@@ -58,6 +59,11 @@ def checks(runs: list[Run], lag: dict[str, Any], top: int, tlog: dict[str, Any] 
         fraction = ours.rps / ceiling.rps
         out.append((f"c={top}: ours ≥ {TARGETS['fraction_of_http_ceiling']:.0%} of the HTTP-stack ceiling",
                     f"{fraction:.0%}", fraction >= TARGETS["fraction_of_http_ceiling"]))
+    for c, target in TARGETS["ratio_vs_bentoml"].items():
+        mine, peer = find(runs, "ours", c), find(runs, "bentoml", c)
+        if mine and peer and peer.rps:
+            ratio = mine.rps / peer.rps
+            out.append((f"c={c}: ours/BentoML req/s ≥ {target:g}×", f"{ratio:.1f}×", ratio >= target))
     if ours:
         ratio = ours.latency_ms["p99"] / ours.latency_ms["mean"]
         out.append((f"c={top}: p99 ≤ {TARGETS['p99_over_mean']:g}× mean latency",
@@ -96,34 +102,47 @@ def report(result: dict[str, Any]) -> str:
     add(f"Run of {m['date']} at commit `{m['commit']}` on {m['cpu']} ({m['cores']} cores, {m['memory_gib']} GiB), "
         f"Linux {m['kernel']}, Python {m['python']}, PostgreSQL {server} ({result['database']}), {m['wrk']}. "
         f"wrk: 1 thread, `--timeout 30s`, {result['warmup']:g} s warm-up then {result['duration']:g} s per row, "
-        f"{result['rounds']} round(s); the three servers ran side by side and the rows were interleaved; each row "
+        f"{result['rounds']} round(s); the servers ran side by side and the rows were interleaved; each row "
         f"reports its best round. The service ran with its defaults (`WORKERS={result['workers']}`). Latencies in ms.")
     add("")
-    add("### Headline: the service against the naive reference and the HTTP-stack ceiling")
+    add("### Headline: the service against the naive reference, the best peer and the HTTP-stack ceiling")
     add("")
-    add("| connections | ours req/s | reference req/s | **ours / reference** | HTTP ceiling req/s | ours / ceiling | "
-        "ours / model ceiling at batch = connections |")
-    add("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    add("BentoML: the same model file behind BentoML with adaptive batching and no storage "
+        "(bench/bentoml_peer/service.py).")
+    add("")
+    add("| connections | ours req/s | reference req/s | **ours / reference** | BentoML req/s | **ours / BentoML** | "
+        "HTTP ceiling req/s | ours / ceiling | ours / model ceiling at batch = connections |")
+    add("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     model_rows = {row["batch"]: row for row in result["model"]["sizes"]}
+
+    def versus(run: Run | None, ours: Run, digits: str = ",.0f") -> tuple[str, str]:
+        if run is None or not run.rps:
+            return "–", "–"
+        return f"{run.rps:{digits}}", f"**{ours.rps / run.rps:,.{0 if ours.rps / run.rps >= 10 else 1}f}×**"
+
     for c in result["connections"]:
-        ours, ref, ceiling = find(runs, "ours", c), find(runs, "reference", c), find(runs, "ceiling", c)
+        ours = find(runs, "ours", c)
         if not ours:
             continue
+        ref_rps, ref_ratio = versus(find(runs, "reference", c), ours, ",.1f")
+        peer_rps, peer_ratio = versus(find(runs, "bentoml", c), ours)
+        ceiling = find(runs, "ceiling", c)
         model_row = model_rows.get(c) or model_rows[max(model_rows)]
-        add(f"| {c} | {ours.rps:,.0f} | {ref.rps:,.1f} | **{ours.rps / ref.rps:,.0f}×** | {ceiling.rps:,.0f} | "
-            f"{ours.rps / ceiling.rps:.0%} | {ours.rps / model_row['images_per_s']:.0%} "
-            f"(of {model_row['images_per_s']:,.0f}/s) |" if ref and ceiling and ref.rps else
-            f"| {c} | {ours.rps:,.0f} | – | – | – | – | – |")
+        add(f"| {c} | {ours.rps:,.0f} | {ref_rps} | {ref_ratio} | {peer_rps} | {peer_ratio} | "
+            + (f"{ceiling.rps:,.0f} | {ours.rps / ceiling.rps:.0%} | " if ceiling and ceiling.rps else "– | – | ")
+            + f"{ours.rps / model_row['images_per_s']:.0%} (of {model_row['images_per_s']:,.0f}/s) |")
     raw_ours, raw_ceiling = find(runs, "ours", top, "raw"), find(runs, "ceiling", top, "raw")
     if raw_ours and raw_ceiling:
-        add(f"| {top}, raw body | {raw_ours.rps:,.0f} | – | – | {raw_ceiling.rps:,.0f} | "
+        add(f"| {top}, raw body | {raw_ours.rps:,.0f} | – | – | – | – | {raw_ceiling.rps:,.0f} | "
             f"{raw_ours.rps / raw_ceiling.rps:.0%} | – |")
     add("")
     add("### Every run")
     add("")
     add("The round in bold is the one reported above and below (the most req/s of its row).")
     add("")
-    add("| target | conn. | body | round | req/s | p50 | p90 | p99 | mean | max | 201s | errors |")
+    add("Successes are 201s (200s for BentoML, which stores nothing).")
+    add("")
+    add("| target | conn. | body | round | req/s | p50 | p90 | p99 | mean | max | successes | errors |")
     add("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for run in sorted(result["all_runs"], key=lambda r: (r.mode, r.connections, r.target, r.round)):
         lat = run.latency_ms

@@ -11,7 +11,9 @@ PostgreSQL in a temporary folder), prints and writes to BENCHMARKS.md (between i
    multipart, rotating through the files; `--timeout 30s`): req/s and p50/p90/p99 at each
    connection count, plus the raw-body form (Content-Type: image/png) at the highest count.
 2. The naive reference (bench/reference_app.py: per-request `model.predict`, two commits with
-   psycopg) at the same loads, and the ratio ours/reference.
+   psycopg) at the same loads, and the ratio ours/reference; and the best peer, the same model
+   served by BentoML with adaptive batching and no storage (bench/bentoml_peer/service.py, in its
+   own venv bench/.bentoml-venv made on first use; `--no-bentoml` leaves it out), and ours/BentoML.
 3. The ceilings: the model alone by batch size (bench/model_ceiling.py) and the HTTP stack on the
    same uploads without inference or storage (bench/http_ceiling_app.py).
 4. Projection lag per event during the highest-load run (the projection's tracked position is sampled every 10 ms;
@@ -19,7 +21,7 @@ PostgreSQL in a temporary folder), prints and writes to BENCHMARKS.md (between i
    on the database's clock), and `python -m cli rebuild` on the database the run produced.
 5. Durability: every prediction_id wrk got a 201 for is a `PredictionMade` in the event table.
 
-The three servers run side by side and the loads are interleaved (ours, reference, ceiling at
+The servers run side by side and the loads are interleaved (ours, reference, BentoML, ceiling at
 each connection count), so each ratio compares runs made within a minute of each other on this
 noisy machine. Before each measured run the bench waits until every server is idle (each may still
 be answering requests wrk abandoned). Every row is run `--rounds` times (default 2) and its best
@@ -59,6 +61,7 @@ from bench.lag import LagSampler, integration_delay, lag_summary  # noqa: E402
 from bench.machine import machine  # noqa: E402
 from bench.processes import Subprocess, Target, ensure_bench_group  # noqa: E402
 from bench.profiling import profile  # noqa: E402
+from bench.bentoml_peer.venv import ensure_venv  # noqa: E402
 from bench.report import BENCHMARKS, best_runs, checks, find, no_errors, report, write_benchmarks  # noqa: E402
 from bench.wrk import Bench  # noqa: E402
 from db.dsn import with_database  # noqa: E402
@@ -120,8 +123,18 @@ async def main_async(args: argparse.Namespace) -> int:
         ceiling = Subprocess("ceiling", [sys.executable, str(REPO / "bench" / "http_ceiling_app.py")],
                              results / "ceiling.log")
         services.append(ceiling)
+        peer = None
+        if not args.no_bentoml:
+            bentoml = await asyncio.to_thread(ensure_venv)
+            peer = Subprocess("bentoml", [str(bentoml), "serve", "service:MnistPeer", "--working-dir",
+                                          str(REPO / "bench" / "bentoml_peer"), "--host", "127.0.0.1"],
+                              results / "bentoml.log",
+                              {"PYTHONPATH": "", "BENTOML_HOME": str(results / "bentoml-home"),
+                               "BENTOML_DO_NOT_TRACK": "true"}, health_path="/readyz")
+            services.append(peer)
         await asyncio.gather(asyncio.to_thread(ours.start, 180.0), asyncio.to_thread(notree.start, 180.0),
-                             asyncio.to_thread(reference.wait_ready), asyncio.to_thread(ceiling.wait_ready))
+                             asyncio.to_thread(reference.wait_ready), asyncio.to_thread(ceiling.wait_ready),
+                             *([asyncio.to_thread(peer.wait_ready)] if peer else []))
         assert ours.process is not None and notree.process is not None
         targets = {
             "ours": Target("ours", ours.url, ours.process.pid, ours_db.name),
@@ -129,13 +142,16 @@ async def main_async(args: argparse.Namespace) -> int:
             "ceiling": Target("ceiling", ceiling.url, ceiling.process.pid, None),
             "no-tree": Target("no-tree", notree.url, notree.process.pid, notree_db.name),
         }
+        if peer is not None:
+            targets["bentoml"] = Target("bentoml", peer.url, peer.process.pid, None, ok_status=200)
         bench = Bench(args, results, admin)
         bench.server_pids = [target.pid for target in targets.values()]
         print(f"load: {args.warmup:g} s warm-up + {args.duration:g} s per row, wrk -t1 --timeout 30s", flush=True)
         for round_ in range(1, args.rounds + 1):
             print(f"round {round_} of {args.rounds}", flush=True)
             plan = [(name, c, "multipart") for c in connections
-                    for name in ("ours", *(("no-tree",) if c == top else ()), "reference", "ceiling")]
+                    for name in ("ours", *(("no-tree",) if c == top else ()), "reference",
+                                 *(("bentoml",) if peer else ()), "ceiling")]
             plan += [("ours", top, "raw"), ("ceiling", top, "raw")]
             for name, c, mode in plan:
                 sampler = LagSampler(ours_db.owner_dsn) if (name, c, mode) == ("ours", top, "multipart") else None
@@ -212,6 +228,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=3.0, help="seconds of warm-up before each run")
     parser.add_argument("--rounds", type=int, default=2, help="times each row is run (the best is reported)")
     parser.add_argument("--profile", action="store_true", help="add a py-spy profile of the highest load")
+    parser.add_argument("--no-bentoml", action="store_true", help="leave out the BentoML peer")
     parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
     args = parser.parse_args()
     sys.exit(asyncio.run(main_async(args)))
