@@ -179,6 +179,35 @@ def report(result: dict[str, Any]) -> str:
             + (f"{inside['mean_batch']:.1f} | {inside['mean_commit_group']:.1f} | {inside['mean_commit_ms']:.2f} |"
                if inside else "– | – | – |"))
     add("")
+    stage_rows = [run for run in runs if run.target == "ours" and run.mode == "multipart" and run.inside.get("uploads")]
+    if stage_rows:
+        add("### Where an upload's time went, by stage")
+        add("")
+        add("Mean per upload, in ms, from the service's own /metrics scraped right before and after the row "
+            "(best round): `prediction_stage_seconds` (decode: from the handler's call to the decoded "
+            "array; inference: submitted to the micro-batcher until the output is back; record: handed "
+            "to the group committer until committed), the batcher's `inference_queue_wait_seconds` and "
+            "`inference_batch_seconds` (one model call), the committer's `event_commit_seconds` (one group's "
+            "transaction), and `http_request_duration_seconds` of `POST /prediction/` (the whole request "
+            "inside the ASGI app). Hand-offs: the inference stage less queue wait and model call (the "
+            "future's way back to the handler); waiting for a group: the record stage less the group's "
+            "transaction; rest of the handler: the request less the three stages (multipart parsing, "
+            "checks, the JSON answer, middleware); outside the app: wrk's mean less the request (sockets, "
+            "uvicorn's HTTP parsing, the event loop's turns, wrk itself).")
+        add("")
+        add("| conn. | wrk mean | request in the app | decode | queue wait | model call | hand-offs | "
+            "group's commit | waiting for a group | rest of the handler | outside the app |")
+        add("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        for run in stage_rows:
+            i = run.inside
+            stages = i["mean_decode_stage_ms"] + i["mean_inference_stage_ms"] + i["mean_record_stage_ms"]
+            cells = [run.latency_ms["mean"], i["mean_http_ms"], i["mean_decode_stage_ms"], i["mean_queue_wait_ms"],
+                     i["mean_inference_ms"],
+                     i["mean_inference_stage_ms"] - i["mean_queue_wait_ms"] - i["mean_inference_ms"],
+                     i["mean_commit_ms"], i["mean_record_stage_ms"] - i["mean_commit_ms"],
+                     i["mean_http_ms"] - stages, run.latency_ms["mean"] - i["mean_http_ms"]]
+            add(f"| {run.connections} | " + " | ".join(f"{cell:.3f}" for cell in cells) + " |")
+        add("")
     add("### Ceilings")
     add("")
     model = result["model"]

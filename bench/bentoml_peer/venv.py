@@ -10,6 +10,7 @@ changes (its digest is kept in the venv). git ignores the folder.
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import subprocess
 import sys
@@ -22,8 +23,14 @@ STAMP = VENV / "requirements.sha256"
 
 
 def uv() -> list[str]:
-    found = shutil.which("uv")
-    return [found] if found else [sys.executable, "-m", "uv"]
+    """uv as `just` finds it: on PATH, the one running us (`uv run` sets UV), or python3's module."""
+    found = os.environ.get("UV") or shutil.which("uv")
+    if found:
+        return [found]
+    for python in (shutil.which("python3"), sys.executable):
+        if python and subprocess.run([python, "-m", "uv", "--version"], capture_output=True).returncode == 0:
+            return [python, "-m", "uv"]
+    raise SystemExit("uv is needed to make the BentoML peer's venv (`just setup` installs it)")
 
 
 def ensure_venv() -> Path:
