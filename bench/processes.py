@@ -61,3 +61,40 @@ def ensure_bench_group() -> None:
     uv = shutil.which("uv")
     if uv is not None:
         subprocess.run([uv, "sync", "--frozen", "--inexact", "--group", "bench", "--quiet"], cwd=REPO, check=True)
+
+
+def _role(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            argv = [part.decode(errors="replace") for part in handle.read().split(b"\0") if part]
+    except OSError:
+        return "?"
+    if "cli" in argv and "project" in argv:
+        return "projection worker"
+    if "cli" in argv and "serve" in argv:
+        return "service's main process (serves when WORKERS=1)"
+    if any("resource_tracker" in part for part in argv):
+        return "multiprocessing's resource tracker"
+    if any("multiprocessing" in part for part in argv):
+        return "uvicorn worker"
+    if any(part.endswith("bentoml") for part in argv[:2]) and "serve" in argv:
+        return "bentoml serve (supervisor)"
+    if any("_bentoml_impl" in part for part in argv):
+        return "bentoml worker"
+    shown = [Path(argv[0]).name, *(Path(part).name for part in argv[1:2])] if argv else ["?"]
+    return " ".join(shown)
+
+
+def rss(pid: int) -> list[dict[str, object]]:
+    """Resident memory of a server's processes (the process and its descendants), in MiB."""
+    from bench.cpu import process_tree
+
+    rows: list[dict[str, object]] = []
+    for member in process_tree(pid):
+        try:
+            with open(f"/proc/{member}/status") as handle:
+                kib = next(int(line.split()[1]) for line in handle if line.startswith("VmRSS:"))
+        except (OSError, StopIteration, ValueError):
+            continue
+        rows.append({"pid": member, "role": _role(member), "rss_mib": kib / 1024})
+    return rows

@@ -188,7 +188,7 @@ def report(result: dict[str, Any]) -> str:
             "array; inference: submitted to the micro-batcher until the output is back; record: handed "
             "to the group committer until committed), the batcher's `inference_queue_wait_seconds` and "
             "`inference_batch_seconds` (one model call), the committer's `event_commit_seconds` (one group's "
-            "transaction), and `http_request_duration_seconds` of `POST /prediction/` (the whole request "
+            "transaction), and `http_request_duration_seconds` of `POST /prediction` (the whole request "
             "inside the ASGI app). Hand-offs: the inference stage less queue wait and model call (the "
             "future's way back to the handler); waiting for a group: the record stage less the group's "
             "transaction; rest of the handler: the request less the three stages (multipart parsing, "
@@ -207,6 +207,36 @@ def report(result: dict[str, Any]) -> str:
                      i["mean_commit_ms"], i["mean_record_stage_ms"] - i["mean_commit_ms"],
                      i["mean_http_ms"] - stages, run.latency_ms["mean"] - i["mean_http_ms"]]
             add(f"| {run.connections} | " + " | ".join(f"{cell:.3f}" for cell in cells) + " |")
+        add("")
+    if any(run.target == "workers-2" for run in runs):
+        add("### WORKERS=2 against WORKERS=1")
+        add("")
+        add("The same service with `WORKERS=2` (two uvicorn processes, one TensorFlow each, one projection "
+            "worker) on its own database, run right after `ours` (`WORKERS=1`) at each load in each round.")
+        add("")
+        add("| conn. | WORKERS=1 req/s | p50 | p99 | WORKERS=2 req/s | p50 | p99 | **2 / 1** | "
+            "process CPU 1 → 2 | PG µs/req 1 → 2 |")
+        add("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        for c in result["connections"]:
+            one, two = find(runs, "ours", c), find(runs, "workers-2", c)
+            if one and two and one.rps:
+                add(f"| {c} | {one.rps:,.0f} | {fmt_ms(one.latency_ms['p50'])} | {fmt_ms(one.latency_ms['p99'])} | "
+                    f"{two.rps:,.0f} | {fmt_ms(two.latency_ms['p50'])} | {fmt_ms(two.latency_ms['p99'])} | "
+                    f"**{two.rps / one.rps:.2f}×** | {one.cpu['process_pct']:.0f}% → {two.cpu['process_pct']:.0f}% | "
+                    f"{one.cpu.get('postgres_us_per_request', 0):,.0f} → {two.cpu.get('postgres_us_per_request', 0):,.0f} |")
+        add("")
+    if result.get("memory"):
+        add("### Memory")
+        add("")
+        add("Resident memory (VmRSS) of each server's processes after all the rounds, in MiB.")
+        add("")
+        add("| target | process | RSS MiB |")
+        add("| --- | --- | ---: |")
+        for name, rows in result["memory"].items():
+            for row in rows:
+                add(f"| {name} | {row['role']} | {row['rss_mib']:,.0f} |")
+            if len(rows) > 1:
+                add(f"| {name} | **all** | **{sum(row['rss_mib'] for row in rows):,.0f}** |")
         add("")
     add("### Ceilings")
     add("")

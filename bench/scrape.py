@@ -39,7 +39,7 @@ def inside_numbers(before: dict[str, float], after: dict[str, float]) -> dict[st
         count = delta(f"{name}_count{labels}")
         return delta(f"{name}_sum{labels}") / count if count else 0.0
 
-    upload = '{method="POST",route="/prediction/"}'
+    upload = '{method="POST",route="/prediction"}'  # the route template, as Litestar names it
 
     return {
         "batches": delta("inference_batch_size_count"),
