@@ -20,6 +20,7 @@ TARGETS = {  # what the service should reach; each ratio compares runs made side
     "lag_p99_ms": 250.0,
     "integration_delay_p99_ms": 1500.0,
     "integrator_cost": 0.05,  # c=top uploads with the tree integrator within 5% of without it
+    "ratio_vs_bentoml": {1: 4.0, 16: 4.0, 64: 5.0},  # by connections (issue 15)
 }
 
 
@@ -58,6 +59,11 @@ def checks(runs: list[Run], lag: dict[str, Any], top: int, tlog: dict[str, Any] 
         fraction = ours.rps / ceiling.rps
         out.append((f"c={top}: ours ≥ {TARGETS['fraction_of_http_ceiling']:.0%} of the HTTP-stack ceiling",
                     f"{fraction:.0%}", fraction >= TARGETS["fraction_of_http_ceiling"]))
+    for c, target in TARGETS["ratio_vs_bentoml"].items():
+        mine, peer = find(runs, "ours", c), find(runs, "bentoml", c)
+        if mine and peer and peer.rps:
+            ratio = mine.rps / peer.rps
+            out.append((f"c={c}: ours/BentoML req/s ≥ {target:g}×", f"{ratio:.1f}×", ratio >= target))
     if ours:
         ratio = ours.latency_ms["p99"] / ours.latency_ms["mean"]
         out.append((f"c={top}: p99 ≤ {TARGETS['p99_over_mean']:g}× mean latency",
@@ -96,34 +102,47 @@ def report(result: dict[str, Any]) -> str:
     add(f"Run of {m['date']} at commit `{m['commit']}` on {m['cpu']} ({m['cores']} cores, {m['memory_gib']} GiB), "
         f"Linux {m['kernel']}, Python {m['python']}, PostgreSQL {server} ({result['database']}), {m['wrk']}. "
         f"wrk: 1 thread, `--timeout 30s`, {result['warmup']:g} s warm-up then {result['duration']:g} s per row, "
-        f"{result['rounds']} round(s); the three servers ran side by side and the rows were interleaved; each row "
+        f"{result['rounds']} round(s); the servers ran side by side and the rows were interleaved; each row "
         f"reports its best round. The service ran with its defaults (`WORKERS={result['workers']}`). Latencies in ms.")
     add("")
-    add("### Headline: the service against the naive reference and the HTTP-stack ceiling")
+    add("### Headline: the service against the naive reference, the best peer and the HTTP-stack ceiling")
     add("")
-    add("| connections | ours req/s | reference req/s | **ours / reference** | HTTP ceiling req/s | ours / ceiling | "
-        "ours / model ceiling at batch = connections |")
-    add("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    add("BentoML: the same model file behind BentoML with adaptive batching and no storage "
+        "(bench/bentoml_peer/service.py).")
+    add("")
+    add("| connections | ours req/s | reference req/s | **ours / reference** | BentoML req/s | **ours / BentoML** | "
+        "HTTP ceiling req/s | ours / ceiling | ours / model ceiling at batch = connections |")
+    add("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     model_rows = {row["batch"]: row for row in result["model"]["sizes"]}
+
+    def versus(run: Run | None, ours: Run, digits: str = ",.0f") -> tuple[str, str]:
+        if run is None or not run.rps:
+            return "–", "–"
+        return f"{run.rps:{digits}}", f"**{ours.rps / run.rps:,.{0 if ours.rps / run.rps >= 10 else 1}f}×**"
+
     for c in result["connections"]:
-        ours, ref, ceiling = find(runs, "ours", c), find(runs, "reference", c), find(runs, "ceiling", c)
+        ours = find(runs, "ours", c)
         if not ours:
             continue
+        ref_rps, ref_ratio = versus(find(runs, "reference", c), ours, ",.1f")
+        peer_rps, peer_ratio = versus(find(runs, "bentoml", c), ours)
+        ceiling = find(runs, "ceiling", c)
         model_row = model_rows.get(c) or model_rows[max(model_rows)]
-        add(f"| {c} | {ours.rps:,.0f} | {ref.rps:,.1f} | **{ours.rps / ref.rps:,.0f}×** | {ceiling.rps:,.0f} | "
-            f"{ours.rps / ceiling.rps:.0%} | {ours.rps / model_row['images_per_s']:.0%} "
-            f"(of {model_row['images_per_s']:,.0f}/s) |" if ref and ceiling and ref.rps else
-            f"| {c} | {ours.rps:,.0f} | – | – | – | – | – |")
+        add(f"| {c} | {ours.rps:,.0f} | {ref_rps} | {ref_ratio} | {peer_rps} | {peer_ratio} | "
+            + (f"{ceiling.rps:,.0f} | {ours.rps / ceiling.rps:.0%} | " if ceiling and ceiling.rps else "– | – | ")
+            + f"{ours.rps / model_row['images_per_s']:.0%} (of {model_row['images_per_s']:,.0f}/s) |")
     raw_ours, raw_ceiling = find(runs, "ours", top, "raw"), find(runs, "ceiling", top, "raw")
     if raw_ours and raw_ceiling:
-        add(f"| {top}, raw body | {raw_ours.rps:,.0f} | – | – | {raw_ceiling.rps:,.0f} | "
+        add(f"| {top}, raw body | {raw_ours.rps:,.0f} | – | – | – | – | {raw_ceiling.rps:,.0f} | "
             f"{raw_ours.rps / raw_ceiling.rps:.0%} | – |")
     add("")
     add("### Every run")
     add("")
     add("The round in bold is the one reported above and below (the most req/s of its row).")
     add("")
-    add("| target | conn. | body | round | req/s | p50 | p90 | p99 | mean | max | 201s | errors |")
+    add("Successes are 201s (200s for BentoML, which stores nothing).")
+    add("")
+    add("| target | conn. | body | round | req/s | p50 | p90 | p99 | mean | max | successes | errors |")
     add("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for run in sorted(result["all_runs"], key=lambda r: (r.mode, r.connections, r.target, r.round)):
         lat = run.latency_ms
@@ -160,6 +179,65 @@ def report(result: dict[str, Any]) -> str:
             + (f"{inside['mean_batch']:.1f} | {inside['mean_commit_group']:.1f} | {inside['mean_commit_ms']:.2f} |"
                if inside else "– | – | – |"))
     add("")
+    stage_rows = [run for run in runs if run.target == "ours" and run.mode == "multipart" and run.inside.get("uploads")]
+    if stage_rows:
+        add("### Where an upload's time went, by stage")
+        add("")
+        add("Mean per upload, in ms, from the service's own /metrics scraped right before and after the row "
+            "(best round): `prediction_stage_seconds` (decode: from the handler's call to the decoded "
+            "array; inference: submitted to the micro-batcher until the output is back; record: handed "
+            "to the group committer until committed), the batcher's `inference_queue_wait_seconds` and "
+            "`inference_batch_seconds` (one model call), the committer's `event_commit_seconds` (one group's "
+            "transaction), and `http_request_duration_seconds` of `POST /prediction` (the whole request "
+            "inside the ASGI app). Hand-offs: the inference stage less queue wait and model call (the "
+            "future's way back to the handler); waiting for a group: the record stage less the group's "
+            "transaction; rest of the handler: the request less the three stages (multipart parsing, "
+            "checks, the JSON answer, middleware); outside the app: wrk's mean less the request (sockets, "
+            "uvicorn's HTTP parsing, the event loop's turns, wrk itself).")
+        add("")
+        add("| conn. | wrk mean | request in the app | decode | queue wait | model call | hand-offs | "
+            "group's commit | waiting for a group | rest of the handler | outside the app |")
+        add("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        for run in stage_rows:
+            i = run.inside
+            stages = i["mean_decode_stage_ms"] + i["mean_inference_stage_ms"] + i["mean_record_stage_ms"]
+            cells = [run.latency_ms["mean"], i["mean_http_ms"], i["mean_decode_stage_ms"], i["mean_queue_wait_ms"],
+                     i["mean_inference_ms"],
+                     i["mean_inference_stage_ms"] - i["mean_queue_wait_ms"] - i["mean_inference_ms"],
+                     i["mean_commit_ms"], i["mean_record_stage_ms"] - i["mean_commit_ms"],
+                     i["mean_http_ms"] - stages, run.latency_ms["mean"] - i["mean_http_ms"]]
+            add(f"| {run.connections} | " + " | ".join(f"{cell:.3f}" for cell in cells) + " |")
+        add("")
+    if any(run.target == "workers-2" for run in runs):
+        add("### WORKERS=2 against WORKERS=1")
+        add("")
+        add("The same service with `WORKERS=2` (two uvicorn processes, one TensorFlow each, one projection "
+            "worker) on its own database, run right after `ours` (`WORKERS=1`) at each load in each round.")
+        add("")
+        add("| conn. | WORKERS=1 req/s | p50 | p99 | WORKERS=2 req/s | p50 | p99 | **2 / 1** | "
+            "process CPU 1 → 2 | PG µs/req 1 → 2 |")
+        add("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        for c in result["connections"]:
+            one, two = find(runs, "ours", c), find(runs, "workers-2", c)
+            if one and two and one.rps:
+                add(f"| {c} | {one.rps:,.0f} | {fmt_ms(one.latency_ms['p50'])} | {fmt_ms(one.latency_ms['p99'])} | "
+                    f"{two.rps:,.0f} | {fmt_ms(two.latency_ms['p50'])} | {fmt_ms(two.latency_ms['p99'])} | "
+                    f"**{two.rps / one.rps:.2f}×** | {one.cpu['process_pct']:.0f}% → {two.cpu['process_pct']:.0f}% | "
+                    f"{one.cpu.get('postgres_us_per_request', 0):,.0f} → {two.cpu.get('postgres_us_per_request', 0):,.0f} |")
+        add("")
+    if result.get("memory"):
+        add("### Memory")
+        add("")
+        add("Resident memory (VmRSS) of each server's processes after all the rounds, in MiB.")
+        add("")
+        add("| target | process | RSS MiB |")
+        add("| --- | --- | ---: |")
+        for name, rows in result["memory"].items():
+            for row in rows:
+                add(f"| {name} | {row['role']} | {row['rss_mib']:,.0f} |")
+            if len(rows) > 1:
+                add(f"| {name} | **all** | **{sum(row['rss_mib'] for row in rows):,.0f}** |")
+        add("")
     add("### Ceilings")
     add("")
     model = result["model"]

@@ -1,7 +1,7 @@
 """`just bench`: the service end to end under real HTTP load, beside its ceilings and a naive reference.
 
     python bench/run.py [--duration 12] [--warmup 3] [--rounds 2] [--connections 1,16,64] [--profile]
-                        [--no-write]
+                        [--workers-compare] [--no-bentoml] [--no-write]
 
 One run, on throwaway databases (DATABASE_URL's server when set, else a private embedded
 PostgreSQL in a temporary folder), prints and writes to BENCHMARKS.md (between its
@@ -11,7 +11,9 @@ PostgreSQL in a temporary folder), prints and writes to BENCHMARKS.md (between i
    multipart, rotating through the files; `--timeout 30s`): req/s and p50/p90/p99 at each
    connection count, plus the raw-body form (Content-Type: image/png) at the highest count.
 2. The naive reference (bench/reference_app.py: per-request `model.predict`, two commits with
-   psycopg) at the same loads, and the ratio ours/reference.
+   psycopg) at the same loads, and the ratio ours/reference; and the best peer, the same model
+   served by BentoML with adaptive batching and no storage (bench/bentoml_peer/service.py, in its
+   own venv bench/.bentoml-venv made on first use; `--no-bentoml` leaves it out), and ours/BentoML.
 3. The ceilings: the model alone by batch size (bench/model_ceiling.py) and the HTTP stack on the
    same uploads without inference or storage (bench/http_ceiling_app.py).
 4. Projection lag per event during the highest-load run (the projection's tracked position is sampled every 10 ms;
@@ -19,11 +21,15 @@ PostgreSQL in a temporary folder), prints and writes to BENCHMARKS.md (between i
    on the database's clock), and `python -m cli rebuild` on the database the run produced.
 5. Durability: every prediction_id wrk got a 201 for is a `PredictionMade` in the event table.
 
-The three servers run side by side and the loads are interleaved (ours, reference, ceiling at
+The servers run side by side and the loads are interleaved (ours, reference, BentoML, ceiling at
 each connection count), so each ratio compares runs made within a minute of each other on this
 noisy machine. Before each measured run the bench waits until every server is idle (each may still
 be answering requests wrk abandoned). Every row is run `--rounds` times (default 2) and its best
 round is reported: other work on the machine only ever slows a run down.
+
+`--workers-compare` adds the service with WORKERS=2 (its own database) at every load, right after
+`ours`, and a table of the two side by side. The resident memory of every server's processes
+after the rounds is reported.
 
 `--profile` adds one more highest-load run on the service under py-spy (a flame graph and the
 top frames, into bench/results/). Exit status: 1 when a run had errors or an acknowledged
@@ -57,8 +63,9 @@ import asyncpg  # noqa: E402
 from bench.durability import durability, rebuild_speed  # noqa: E402
 from bench.lag import LagSampler, integration_delay, lag_summary  # noqa: E402
 from bench.machine import machine  # noqa: E402
-from bench.processes import Subprocess, Target, ensure_bench_group  # noqa: E402
+from bench.processes import Subprocess, Target, ensure_bench_group, rss  # noqa: E402
 from bench.profiling import profile  # noqa: E402
+from bench.bentoml_peer.venv import ensure_venv  # noqa: E402
 from bench.report import BENCHMARKS, best_runs, checks, find, no_errors, report, write_benchmarks  # noqa: E402
 from bench.wrk import Bench  # noqa: E402
 from db.dsn import with_database  # noqa: E402
@@ -93,7 +100,7 @@ async def main_async(args: argparse.Namespace) -> int:
 
     server = await asyncio.to_thread(Server)
     database_kind = "DATABASE_URL's server" if os.environ.get("DATABASE_URL") else "embedded, throwaway"
-    ours_db = notree_db = None
+    ours_db = notree_db = workers_db = None
     reference_name = f"audit_ref_{uuid.uuid4().hex[:10]}"
     services: list[Any] = []
     admin = await asyncpg.connect(server.admin_dsn)
@@ -102,6 +109,8 @@ async def main_async(args: argparse.Namespace) -> int:
         await server.make_template()
         ours_db = await server.create()
         notree_db = await server.create()
+        if args.workers_compare:
+            workers_db = await server.create()
         await admin.execute(f"CREATE DATABASE {quote_ident(reference_name)}")
         reference_dsn = with_database(server.admin_dsn, reference_name)
 
@@ -113,6 +122,13 @@ async def main_async(args: argparse.Namespace) -> int:
         notree = LiveService(notree_db.owner_dsn, results / "service-no-tree.log", LOG_LEVEL="WARNING",
                              TREE_INTEGRATOR="off")
         services.append(notree)
+        # `--workers-compare`: the same service with WORKERS=2 on its own database, right after
+        # `ours` at each load (its /metrics are per process, so no batch or stage numbers).
+        two = None
+        if workers_db is not None:
+            two = LiveService(workers_db.owner_dsn, results / "service-2-workers.log", LOG_LEVEL="WARNING",
+                              WORKERS="2")
+            services.append(two)
         ensure_bench_group()
         reference = Subprocess("reference", [sys.executable, str(REPO / "bench" / "reference_app.py")],
                                results / "reference.log", {"REFERENCE_DATABASE_URL": reference_dsn})
@@ -120,8 +136,19 @@ async def main_async(args: argparse.Namespace) -> int:
         ceiling = Subprocess("ceiling", [sys.executable, str(REPO / "bench" / "http_ceiling_app.py")],
                              results / "ceiling.log")
         services.append(ceiling)
+        peer = None
+        if not args.no_bentoml:
+            bentoml = await asyncio.to_thread(ensure_venv)
+            peer = Subprocess("bentoml", [str(bentoml), "serve", "service:MnistPeer", "--working-dir",
+                                          str(REPO / "bench" / "bentoml_peer"), "--host", "127.0.0.1"],
+                              results / "bentoml.log",
+                              {"PYTHONPATH": "", "BENTOML_HOME": str(results / "bentoml-home"),
+                               "BENTOML_DO_NOT_TRACK": "true"}, health_path="/readyz")
+            services.append(peer)
         await asyncio.gather(asyncio.to_thread(ours.start, 180.0), asyncio.to_thread(notree.start, 180.0),
-                             asyncio.to_thread(reference.wait_ready), asyncio.to_thread(ceiling.wait_ready))
+                             asyncio.to_thread(reference.wait_ready), asyncio.to_thread(ceiling.wait_ready),
+                             *([asyncio.to_thread(peer.wait_ready)] if peer else []),
+                             *([asyncio.to_thread(two.start, 180.0)] if two else []))
         assert ours.process is not None and notree.process is not None
         targets = {
             "ours": Target("ours", ours.url, ours.process.pid, ours_db.name),
@@ -129,13 +156,20 @@ async def main_async(args: argparse.Namespace) -> int:
             "ceiling": Target("ceiling", ceiling.url, ceiling.process.pid, None),
             "no-tree": Target("no-tree", notree.url, notree.process.pid, notree_db.name),
         }
+        if two is not None:
+            assert two.process is not None
+            targets["workers-2"] = Target("workers-2", two.url, two.process.pid, workers_db.name)
+        if peer is not None:
+            targets["bentoml"] = Target("bentoml", peer.url, peer.process.pid, None, ok_status=200)
         bench = Bench(args, results, admin)
         bench.server_pids = [target.pid for target in targets.values()]
         print(f"load: {args.warmup:g} s warm-up + {args.duration:g} s per row, wrk -t1 --timeout 30s", flush=True)
         for round_ in range(1, args.rounds + 1):
             print(f"round {round_} of {args.rounds}", flush=True)
             plan = [(name, c, "multipart") for c in connections
-                    for name in ("ours", *(("no-tree",) if c == top else ()), "reference", "ceiling")]
+                    for name in ("ours", *(("workers-2",) if two else ()), *(("no-tree",) if c == top else ()),
+                                 "reference",
+                                 *(("bentoml",) if peer else ()), "ceiling")]
             plan += [("ours", top, "raw"), ("ceiling", top, "raw")]
             for name, c, mode in plan:
                 sampler = LagSampler(ours_db.owner_dsn) if (name, c, mode) == ("ours", top, "multipart") else None
@@ -146,6 +180,9 @@ async def main_async(args: argparse.Namespace) -> int:
                     print(f"  projection lag: p50 {run.lag.get('p50_ms', float('nan')):.0f} ms, "
                           f"p99 {run.lag.get('p99_ms', float('nan')):.0f} ms over {run.lag.get('events', 0):,} events",
                           flush=True)
+        # Resident memory of every server's processes after all the rounds (TensorFlow's arenas
+        # grown by the largest batches included).
+        memory = {name: rss(target.pid) for name, target in targets.items()}
         chosen = best_runs(bench.runs)
         top_run = find(chosen, "ours", top)
         lag_result = top_run.lag if top_run else {}
@@ -170,7 +207,7 @@ async def main_async(args: argparse.Namespace) -> int:
             "machine": info, "database": database_kind, "connections": connections, "warmup": args.warmup,
             "duration": args.duration, "rounds": args.rounds, "model": model,
             "workers": os.environ.get("WORKERS", "1"), "runs": bench.runs, "lag": lag_result,
-            "rebuild": rebuild, "durability": durable, "profile": profile_result, "tlog": tlog_result,
+            "rebuild": rebuild, "durability": durable, "memory": memory, "profile": profile_result, "tlog": tlog_result,
         }
         result["runs"], result["all_runs"] = chosen, bench.runs
         result["checks"] = checks(chosen, lag_result, top, tlog_result)
@@ -196,7 +233,7 @@ async def main_async(args: argparse.Namespace) -> int:
                 print(f"could not stop a server: {error}", file=sys.stderr)
         try:
             await admin.execute(f"DROP DATABASE IF EXISTS {quote_ident(reference_name)} WITH (FORCE)")
-            for database in (ours_db, notree_db):
+            for database in (ours_db, notree_db, workers_db):
                 if database is not None:
                     await server.drop(database.name)
         finally:
@@ -212,6 +249,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=3.0, help="seconds of warm-up before each run")
     parser.add_argument("--rounds", type=int, default=2, help="times each row is run (the best is reported)")
     parser.add_argument("--profile", action="store_true", help="add a py-spy profile of the highest load")
+    parser.add_argument("--workers-compare", action="store_true",
+                        help="also run the service with WORKERS=2 (own database) at every load, right after ours")
+    parser.add_argument("--no-bentoml", action="store_true", help="leave out the BentoML peer")
     parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
     args = parser.parse_args()
     sys.exit(asyncio.run(main_async(args)))

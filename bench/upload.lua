@@ -7,7 +7,8 @@
 -- so the load generator does no per-request work beyond picking the next one. response() counts
 -- statuses and keeps the prediction_id of every 201 (the service answers only after COMMIT, so
 -- each of them must be in the event table afterwards); done() writes one JSON summary to
--- BENCH_OUT: counts, socket errors and latency percentiles (microseconds).
+-- BENCH_OUT: counts, socket errors and latency percentiles (microseconds). BENCH_OK_STATUS (default
+-- 201) is the status counted as a success: the BentoML peer stores nothing and answers 200.
 
 local threads = {}
 local next_id = 1
@@ -51,6 +52,7 @@ function init(args)
    assert(#requests > 0, "no files in " .. manifest)
    -- Threads start at different files, so concurrent requests carry different images.
    index = ((id - 1) * 37) % #requests
+   ok_status = tonumber(os.getenv("BENCH_OK_STATUS") or "201")
    created = 0
    other = 0
    statuses = {}
@@ -63,7 +65,7 @@ function request()
 end
 
 function response(status, headers, body)
-   if status == 201 then
+   if status == ok_status then
       created = created + 1
       local prediction_id = body:match('"prediction_id":"([0-9a-f%-]+)"')
       if prediction_id then

@@ -60,8 +60,10 @@ class Run:
         return out
 
 
-async def wrk(url: str, connections: int, seconds: float, mode: str, manifest: Path, out: Path) -> dict[str, Any]:
-    env = {**os.environ, "BENCH_FILES": str(manifest), "BENCH_MODE": mode, "BENCH_OUT": str(out)}
+async def wrk(url: str, connections: int, seconds: float, mode: str, manifest: Path, out: Path,
+              ok_status: int = 201) -> dict[str, Any]:
+    env = {**os.environ, "BENCH_FILES": str(manifest), "BENCH_MODE": mode, "BENCH_OUT": str(out),
+           "BENCH_OK_STATUS": str(ok_status)}
     process = await asyncio.create_subprocess_exec(
         "wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--timeout", "30s", "-s", str(LUA), url,
         env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
@@ -92,7 +94,7 @@ class Bench:
                    during: Any = None) -> Run:
         duration = duration or self.args.duration
         scratch = self.results / f"wrk-{uuid.uuid4().hex[:8]}.json"
-        warm = await wrk(target.url, connections, self.args.warmup, mode, self.manifest, scratch)
+        warm = await wrk(target.url, connections, self.args.warmup, mode, self.manifest, scratch, target.ok_status)
         settle_s = await settle(self.server_pids or [target.pid])
         # /metrics is per process: with several workers its deltas would mix processes.
         single = len(http_processes(target.pid)) == 1
@@ -105,7 +107,7 @@ class Bench:
         if lag is not None:
             await lag.start()
         extra = asyncio.create_task(during()) if during is not None else None
-        data = await wrk(target.url, connections, duration, mode, self.manifest, scratch)
+        data = await wrk(target.url, connections, duration, mode, self.manifest, scratch, target.ok_status)
         wall = time.perf_counter() - started
         if extra is not None:
             await extra

@@ -197,6 +197,7 @@ class Services:
             model=model.info, spec=spec, batcher=batcher, committer=self.committer, store=self.store,
             decoder=self.decoder, inline_decode_max_pixels=s.inline_decode_max_pixels,
             on_decode=self.metrics.observe_decode,
+            on_stage=self.metrics.observe_stage,
         )
         self.model.serve(Serving(info=model.info, spec=spec, predictions=predictions, log_id=log_id))
 

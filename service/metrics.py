@@ -47,6 +47,14 @@ class Metrics:
         self.commit_seconds = Histogram(
             "event_commit_seconds", "Time of one group append", buckets=LATENCY_BUCKETS, registry=r
         )
+        # One upload's own wall time per stage: decode (from the request's start: checks and
+        # decode), inference (submitted to the batcher until its output is back: queue wait,
+        # model call, hand-offs) and record (handed to the group committer until committed).
+        self.stage_seconds = Histogram(
+            "prediction_stage_seconds", "One upload's time in each stage of the prediction path", ["stage"],
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self._stages = {stage: self.stage_seconds.labels(stage) for stage in ("decode", "inference", "record")}
         self.predictions = Counter(
             "predictions", "Predictions recorded", ["outcome"], registry=r
         )
@@ -114,6 +122,9 @@ class Metrics:
 
     def observe_decode(self, inline: bool) -> None:
         self._decodes[inline].inc()
+
+    def observe_stage(self, stage: str, seconds: float) -> None:
+        self._stages[stage].observe(seconds)
 
     # the group committer's hook
     def observe_commit(self, size: int, seconds: float) -> None:

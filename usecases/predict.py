@@ -77,6 +77,7 @@ class PredictionService:
         decoder: ThreadPoolExecutor,
         inline_decode_max_pixels: int = 0,
         on_decode: Callable[[bool], None] | None = None,
+        on_stage: Callable[[str, float], None] | None = None,
     ) -> None:
         self.model = model
         self.spec = spec
@@ -86,6 +87,7 @@ class PredictionService:
         self._decoder = decoder
         self._inline_decode_max_pixels = inline_decode_max_pixels
         self._on_decode = on_decode
+        self._on_stage = on_stage  # (stage, seconds) per request: decode, inference, record
 
     async def predict(self, upload: Upload, *, idempotency_key: str | None, metadata: dict[str, Any]) -> Recorded:
         """Raises `Rejected` for a bad upload, `Overloaded`, or the store's errors; an inference
@@ -151,7 +153,12 @@ class PredictionService:
             idempotency_key=idempotency_key,
             request_sha256=fingerprint,
         )
-        return await self._record(request)
+        recorded = await self._record(request)
+        if self._on_stage is not None:
+            self._on_stage("decode", decoded - started)
+            self._on_stage("inference", inferred - decoded)
+            self._on_stage("record", time.perf_counter() - inferred)
+        return recorded
 
     async def _decode(self, content: bytes) -> tuple[Preprocessed, bytes]:
         """Small images on the event loop, large ones on the decoder threads.

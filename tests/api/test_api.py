@@ -416,3 +416,28 @@ def test_small_images_decode_on_the_loop_large_ones_in_threads_with_the_same_ans
     assert middle["inline"] == before.get("inline", 0) + 1 and middle.get("thread", 0) == before.get("thread", 0)
     assert after["thread"] == middle.get("thread", 0) + 1 and after["inline"] == middle["inline"]
     assert small_answer.json()["likely_class"] == large_answer.json()["likely_class"] == label
+
+
+def _stage_totals(client: httpx.Client) -> dict[str, tuple[float, float]]:
+    """prediction_stage_seconds by stage: (count, sum)."""
+    found: dict[str, list[float]] = {}
+    for line in client.get("/metrics").text.splitlines():
+        for part, index in (("_count{", 0), ("_sum{", 1)):
+            if line.startswith(f"prediction_stage_seconds{part}"):
+                stage = line.split('stage="')[1].split('"')[0]
+                found.setdefault(stage, [0.0, 0.0])[index] = float(line.rsplit(" ", 1)[1])
+    return {stage: (count, total) for stage, (count, total) in found.items()}
+
+
+def test_each_upload_reports_its_time_in_each_stage(client):
+    content, _, name = digit(3)
+    before = _stage_totals(client)
+    started = time.perf_counter()
+    assert upload(client, content, filename=name).status_code == 201
+    elapsed = time.perf_counter() - started
+    after = _stage_totals(client)
+    assert set(after) == {"decode", "inference", "record"}
+    for stage, (count, total) in after.items():
+        earlier_count, earlier_total = before.get(stage, (0.0, 0.0))
+        assert count == earlier_count + 1, stage
+        assert 0 < total - earlier_total < elapsed, stage
