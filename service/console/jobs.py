@@ -14,7 +14,7 @@ from litestar.params import Body, Parameter
 from litestar.response import Redirect, Template
 
 from service.bootstrap import ServicesDependency
-from service.console.session import check_csrf, page, viewer
+from service.console.session import Viewer, check_csrf, page, viewer
 from usecases.errors import Overloaded
 
 Slot = Literal["verify-job", "reproduce-job"]
@@ -25,27 +25,27 @@ Form = Annotated[dict[str, str], Body(media_type=RequestEncodingType.URL_ENCODED
 async def verify_now(request: Request, services: ServicesDependency, data: Form) -> Response[Any]:
     who = viewer(request, services, "audit")
     check_csrf(request, data)
-    return await _file(request, services, "verify", None, who.name, back="/ui/log", slot="verify-job")
+    return await _file(request, services, who, "verify", None, back="/ui/log", slot="verify-job")
 
 
 @post("/ui/prediction/{prediction_id:uuid}/reproduce", include_in_schema=False, status_code=303)
 async def reproduce_now(request: Request, services: ServicesDependency, prediction_id: UUID, data: Form) -> Response[Any]:
     who = viewer(request, services, "audit")
     check_csrf(request, data)
-    return await _file(request, services, "reproduce", prediction_id, who.name,
-                       back=f"/ui/prediction/{prediction_id}", slot="reproduce-job")
+    return await _file(request, services, who, "reproduce", prediction_id, back=f"/ui/prediction/{prediction_id}",
+                       slot="reproduce-job")
 
 
-async def _file(request: Request, services: ServicesDependency, kind: Literal["verify", "reproduce"],
-                prediction_id: UUID | None, requested_by: str | None, *, back: str, slot: Slot) -> Response[Any]:
+async def _file(request: Request, services: ServicesDependency, who: Viewer, kind: Literal["verify", "reproduce"],
+                prediction_id: UUID | None, *, back: str, slot: Slot) -> Response[Any]:
     try:
-        job, _ = await services.audit_jobs.request(kind, prediction_id, requested_by)
+        job, _ = await services.audit_jobs.request(kind, prediction_id, who.name)
         refused = None
     except Overloaded as full:
         job, refused = None, str(full)
     if request.headers.get("hx-request") != "true":
         return Redirect(back, status_code=303)  # the page shows the newest job, this one
-    return page("job.html", request, viewer(request, services, "audit"), job=job, slot=slot, refused=refused)
+    return page("job.html", request, who, job=job, slot=slot, refused=refused)
 
 
 @get("/ui/jobs/{job_id:int}", include_in_schema=False)
