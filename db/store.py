@@ -359,6 +359,20 @@ class EventStore:
             starts[stream_id] = (version, events)
         return starts
 
+    async def prediction_facts(self, prediction_ids: Sequence[uuid.UUID]
+                               ) -> dict[uuid.UUID, tuple[str, str, int | None, int | None, int]]:
+        """What labelling needs of each prediction the read tables hold (unknown and not yet
+        projected ids are absent): status, model sha256, likely class, output width (None when
+        failed), and the stream's current version, read from the log itself. One indexed probe
+        per id; reading and decoding the streams' first events cost bulk labels twice as much."""
+        rows = await self._fetch(
+            "SELECT p.prediction_id, p.status, p.model_sha256, p.likely_class, cardinality(p.output),"
+            " (SELECT max(e.stream_version) FROM events AS e WHERE e.stream_id = p.prediction_id)"
+            " FROM predictions AS p WHERE p.prediction_id = ANY($1::uuid[])",
+            list(prediction_ids),
+        )
+        return {row[0]: (row[1], row[2], row[3], row[4], row[5]) for row in rows}
+
     async def find_events(self, places: Sequence[tuple[uuid.UUID, int]]) -> dict[tuple[uuid.UUID, int], StoredEvent]:
         """Events by (stream id, stream version)."""
         rows = await self._fetch(

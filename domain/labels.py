@@ -82,6 +82,16 @@ def label_target(events: Sequence[Event], *, version: int | None = None) -> Labe
     )
 
 
+def target_of(status: str, model_sha256: str, likely_class: int | None, output_width: int | None,
+              version: int) -> LabelTarget:
+    """A prediction's target from what the read tables recorded of its outcome (its current label
+    unknown: recording a label does not need it)."""
+    return LabelTarget(
+        status=status, model_sha256=model_sha256, likely_class=likely_class, version=version, current_label=None,
+        num_classes=classes_of("vector", output_width) if status == "made" and output_width else None,
+    )
+
+
 def record_label(
     target: LabelTarget, num_classes: int, label: object, source: object, note: object = None,
     actor: str | None = None,

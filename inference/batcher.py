@@ -140,6 +140,11 @@ class MicroBatcher:
         self._closing = False
         self._executor: ThreadPoolExecutor | None = None
         self._dispatcher: asyncio.Task[None] | None = None
+        self.last_submit_at = float("-inf")  # time.monotonic() of the latest input
+
+    def busy(self, within_s: float = 0.5) -> bool:
+        """Whether an input arrived in the last `within_s` seconds (uploads are being served)."""
+        return time.monotonic() - self.last_submit_at < within_s
 
     @property
     def queue_depth(self) -> int:
@@ -172,6 +177,7 @@ class MicroBatcher:
         if len(self._queue) >= self._max_queue:
             raise QueueFull(f"{len(self._queue)} predictions are already queued")
         future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        self.last_submit_at = time.monotonic()
         self._queue.append(_Pending(array, future, time.perf_counter()))
         self._work_arrived.set()
         if len(self._queue) >= self._max_batch:

@@ -91,6 +91,13 @@ def _positive_int(name: str, default: int) -> int:
     return value
 
 
+def _share(name: str, default: float) -> float:
+    value = _float(name, default)
+    if not 0 < value <= 1:
+        raise SettingsError(f"{name} must be a fraction in (0, 1]; got {value}")
+    return value
+
+
 def _flag(name: str) -> bool:
     return _env(name, "0").lower() in ("1", "true", "yes", "on")
 
@@ -168,6 +175,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     audit_jobs: bool  # this process runs the verify and reproduce jobs asked for over HTTP
     audit_job_timeout_s: float  # one job's time at most; then it is stopped and failed
     audit_job_queue_max: int  # open jobs at most; more requests are refused (503) until some finish
+    labels_share_while_uploading: float  # of the time, at most, for bulk labels while uploads arrive (1: no limit)
     log_level: str
 
     @classmethod
@@ -220,5 +228,6 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             audit_jobs=_choice("AUDIT_JOBS", "on", ("on", "off")) == "on",
             audit_job_timeout_s=_float("AUDIT_JOB_TIMEOUT_S", 600.0),
             audit_job_queue_max=_positive_int("AUDIT_JOB_QUEUE_MAX", 8),
+            labels_share_while_uploading=_share("LABELS_SHARE_WHILE_UPLOADING", 0.1),
             log_level=_env("LOG_LEVEL", "INFO"),
         )

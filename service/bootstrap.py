@@ -39,6 +39,7 @@ from projections.process import ProjectionWorker
 from service.metrics import Metrics
 from usecases.errors import NotReady
 from usecases.audit_jobs import AuditJobRunner, AuditJobs
+from usecases.label_budget import IngestionBudget
 from usecases.labels import LabelService
 from usecases.models import register_model
 from usecases.predict import PredictionService
@@ -136,9 +137,14 @@ class Services:
         # Jobs run where the owner's login is known (`just serve` puts it in the environment).
         runner = AuditJobRunner(pool, s.database_url, timeout_s=s.audit_job_timeout_s) \
             if s.audit_jobs and s.database_url else None
+        model = ModelSlot()
+        labels_budget = IngestionBudget(
+            s.labels_share_while_uploading, lambda: model.batcher is not None and model.batcher.busy(),
+            on_wait=metrics.observe_labels_wait,
+        )
         services = cls(
             settings=s, metrics=metrics, pool=pool, read_pool=read_pool, reads=reads, store=store, committer=committer,
-            model=ModelSlot(), projection=projection, labels=LabelService(store, committer), log=LogIdentity(store),
+            model=model, projection=projection, labels=LabelService(store, committer, labels_budget), log=LogIdentity(store),
             decoder=ThreadPoolExecutor(max_workers=2, thread_name_prefix="decode"), background=[],
             signed=tree_store.SignedSizeWatch(read_pool, acquire_timeout_s=s.connect_timeout_s),
             audit_jobs=AuditJobs(pool, queue_max=s.audit_job_queue_max, on_request=runner.wake if runner else None),

@@ -55,6 +55,10 @@ class Metrics:
             buckets=LATENCY_BUCKETS, registry=r,
         )
         self._stages = {stage: self.stage_seconds.labels(stage) for stage in ("decode", "inference", "record")}
+        self.labels_wait = Histogram(
+            "bulk_labels_wait_seconds", "Time a bulk label request waited for its turn (uploads come first)",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
         self.predictions = Counter(
             "predictions", "Predictions recorded", ["outcome"], registry=r
         )
@@ -127,6 +131,9 @@ class Metrics:
         self._stages[stage].observe(seconds)
 
     # the group committer's hook
+    def observe_labels_wait(self, seconds: float) -> None:
+        self.labels_wait.observe(seconds)
+
     def observe_commit(self, size: int, seconds: float) -> None:
         self.commit_group_size.observe(size)
         self.commit_seconds.observe(seconds)

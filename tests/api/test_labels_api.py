@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 
 import httpx
@@ -289,3 +290,49 @@ def test_labels_import_sends_a_csv_in_batches_reports_refusals_and_is_idempotent
     second = run()
     assert "accepted 8 (8 already recorded by an earlier run)" in second.stdout
     assert len(client.get(f"/prediction/{made[3]['prediction_id']}/labels").json()) == 1
+
+
+def _labels_waited(client) -> tuple[int, float]:
+    """bulk_labels_wait_seconds: how many bulk requests took a turn, and their waits' sum."""
+    text = client.get("/metrics").text
+    values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+              if line.startswith("bulk_labels_wait_seconds_")}
+    return int(values["bulk_labels_wait_seconds_count"]), values["bulk_labels_wait_seconds_sum"]
+
+
+def test_uploads_come_first_bulk_labels_wait_their_turn_while_uploads_arrive(start_service):
+    """With LABELS_SHARE_WHILE_UPLOADING=0.05, a bulk request right after another waits about 19
+    times as long as that one took while uploads arrive; once they stop, it goes at once."""
+    service = start_service(LABELS_SHARE_WHILE_UPLOADING="0.05")
+    with httpx.Client(base_url=service.url, timeout=60) as client:
+        ids = [predict(client, i % 4)["prediction_id"] for i in range(40)]
+        body = [{"prediction_id": pid, "label": 1, "source": "pacing"} for pid in ids]
+        uploading = True
+
+        def upload_until_told() -> int:
+            sent = 0
+            with httpx.Client(base_url=service.url, timeout=60) as uploader:
+                while uploading:
+                    predict(uploader, sent % 4)
+                    sent += 1
+            return sent
+
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            uploads = pool.submit(upload_until_told)
+            first = client.post("/labels", json=body)
+            assert first.status_code == 200, first.text
+            count, waited = _labels_waited(client)
+            second = client.post("/labels", json=body)
+            assert second.status_code == 200 and second.json()["accepted"] == len(ids), second.text
+            uploading = False
+            assert uploads.result() > 0
+        count_after, waited_after = _labels_waited(client)
+        assert count_after == count + 1
+        paused = waited_after - waited
+        assert paused > 0.05, paused  # the second waited for its turn while uploads went on
+
+        time.sleep(0.6)  # no upload for longer than the batcher's "busy" window
+        third = client.post("/labels", json=body)
+        assert third.status_code == 200, third.text
+        count_last, waited_last = _labels_waited(client)
+        assert count_last == count + 2 and waited_last - waited_after < 0.05  # uploads stopped: no pause

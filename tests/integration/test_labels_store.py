@@ -13,7 +13,8 @@ from domain.events import GroundTruthRecorded, ModelRegistered
 from domain.rejections import Rejected
 from domain.streams import model_stream_id
 from tests.factories import MODEL, prediction_request
-from tests.projection_support import append, failed_request
+from domain.labels import label_target, target_of
+from tests.projection_support import append, caught_up, failed_request, runner_for
 from usecases.erase import erase
 from usecases.errors import NotFound
 from usecases.labels import LabelService
@@ -115,6 +116,39 @@ async def test_unknown_or_non_prediction_streams_are_not_found(labels):
     await append(store, registration())
     with pytest.raises(NotFound):
         await service.record(model_stream_id(MODEL.sha256), label=1, source="a", metadata={})
+
+
+async def test_bulk_reads_projected_predictions_from_the_read_table_and_the_rest_from_the_log(labels, database):
+    """What the read table says of a prediction is what its stream says (the version is the log's
+    own); a prediction the projection has not applied yet is read from the log, not refused."""
+    service, store = labels
+    made, failed, labelled = prediction_request(), failed_request(), prediction_request()
+    await append(store, registration(num_classes=10), made, failed, labelled)
+    await service.record(labelled.stream_id, label=3, source="before", metadata={})
+    runner = runner_for(database.app_dsn)
+    await runner.start()
+    try:
+        await caught_up(store.pool)
+    finally:
+        await runner.stop()
+    late = prediction_request()  # committed after the projection stopped
+    await append(store, late)
+
+    projected = [made.stream_id, failed.stream_id, labelled.stream_id]
+    facts = await store.prediction_facts([*projected, late.stream_id, uuid.uuid4()])
+    assert facts.keys() == set(projected)
+    starts = await store.read_stream_starts(projected)
+    for stream in projected:
+        version, first = starts[stream]
+        from_log = label_target(first, version=version)
+        assert target_of(*facts[stream]) == from_log, stream
+    assert facts[labelled.stream_id][4] == 3
+
+    outcome = await service.record_many(
+        [{"prediction_id": str(stream), "label": 1, "source": "bulk"} for stream in [*projected, late.stream_id]],
+        metadata={})
+    assert [item.stream_version for item in outcome.items] == [3, 3, 4, 3]
+    assert all(item.code is None for item in outcome.items)
 
 
 async def test_bulk_10000_items_with_3_bad_ones_commit_9997_in_one_transaction(labels, owner):
