@@ -91,13 +91,20 @@ train *ARGS: setup
 bench-model *ARGS: setup
     {{run}} python bench/model_bench.py {{ARGS}}
 
-# end to end under wrk, beside the naive reference and the ceilings, on throwaway databases; writes BENCHMARKS.md (`just bench --profile` adds py-spy)
+# end to end under wrk, beside the naive reference and the ceilings, on throwaway databases; writes BENCHMARKS.md (`just bench --profile` adds py-spy); then bench-tlog, bench-labels and bench-memory
 [group('bench')]
 bench *ARGS: setup
     @command -v wrk >/dev/null 2>&1 || (echo "installing wrk from Debian" && apt-get update -qq && apt-get install -y -qq wrk >/dev/null)
     {{uv}} run --frozen --group bench python bench/run.py {{ARGS}}
     {{run}} python bench/tlog_bench.py
     {{run}} python bench/labels_bench.py
+    {{run}} python bench/memory_bench.py
+
+# memory over 100,000 uploads: RSS of the service's processes after 10,000 and every 10,000 after, against 5% growth; writes BENCHMARKS.md's memory section
+[group('bench')]
+bench-memory *ARGS: setup
+    @command -v wrk >/dev/null 2>&1 || (echo "installing wrk from Debian" && apt-get update -qq && apt-get install -y -qq wrk >/dev/null)
+    {{run}} python bench/memory_bench.py {{ARGS}}
 
 # ground truth at scale: bulk labels on a 2M-event log, quality now and as of a position, uploads while labelling
 [group('bench')]

@@ -26,7 +26,6 @@ import argparse
 import asyncio
 import hashlib
 import multiprocessing
-import re
 import time
 import uuid
 from datetime import datetime, timezone
@@ -35,7 +34,8 @@ from pathlib import Path
 import asyncpg
 
 from bench.machine import machine
-from bench.wrk import DIGITS, wrk
+from bench.report import BENCHMARKS, write_marked_section
+from bench.wrk import DIGITS, digits_manifest, wrk
 from db.group_commit import GroupCommitter
 from db.store import AppendRequest, EventStore
 from domain.events import ImageFacts, ModelRef, PredictionMade, PredictionRequested
@@ -44,7 +44,6 @@ from harness.cluster.haproxy import HAProxy
 from harness.cluster.processes import process_tree
 
 REPO = Path(__file__).resolve().parent.parent
-BENCHMARKS = REPO / "BENCHMARKS.md"
 MODEL = ModelRef(name="append-bench", version="1", sha256="ab" * 32)
 
 
@@ -154,8 +153,7 @@ def append_path(dsn: str, processes: int, writers: int, seconds: float, primary_
 
 
 async def uploads(url: str, connections: int, args: argparse.Namespace, scratch: Path, primary_pid: int) -> dict:
-    manifest = scratch / "digits.txt"
-    manifest.write_text("".join(f"{path}\n" for path in sorted(DIGITS.glob("*.png"))))
+    manifest = digits_manifest(scratch)
     await wrk(url, connections, args.warmup, "multipart", manifest, scratch / "warm.json")
     with PrimaryCpu(primary_pid) as cpu:
         data = await wrk(url, connections, args.duration, "multipart", manifest, scratch / "run.json")
@@ -201,13 +199,9 @@ def report(rows: list[tuple[str, dict]], appends: list[tuple[str, dict]], facts:
 
 
 def write_section(text: str) -> None:
-    content = BENCHMARKS.read_text()
-    block = f"<!-- cluster:begin -->\n{text}\n<!-- cluster:end -->"
-    if "<!-- cluster:begin -->" in content:
-        content = re.sub(r"<!-- cluster:begin -->.*?<!-- cluster:end -->", lambda _m: block, content, flags=re.S)
-    else:
+    if "<!-- cluster:begin -->" not in BENCHMARKS.read_text():
         raise SystemExit("BENCHMARKS.md has no cluster:begin/cluster:end markers: put them where the section goes")
-    BENCHMARKS.write_text(content)
+    write_marked_section("cluster", text, "Cluster")
 
 
 def main() -> int:

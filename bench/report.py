@@ -9,7 +9,6 @@ from bench.wrk import Run
 
 REPO = Path(__file__).resolve().parent.parent
 BENCHMARKS = REPO / "BENCHMARKS.md"
-BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
 TARGETS = {  # what the service should reach; each ratio compares runs made side by side in one run
     "ratio_vs_reference": 60.0,
@@ -320,16 +319,19 @@ def report(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_benchmarks(section: str) -> None:
-    block = f"{BEGIN}\n{section}\n{END}"
-    if BENCHMARKS.exists():
-        text = BENCHMARKS.read_text()
-        if BEGIN in text and END in text:
-            head, _, rest = text.partition(BEGIN)
-            _, _, tail = rest.partition(END)
-            BENCHMARKS.write_text(head + block + tail)
-            return
-        BENCHMARKS.write_text(text.rstrip() + "\n\n## Latest run\n\n" + block + "\n")
+def write_marked_section(name: str, text: str, heading: str) -> None:
+    """Put `text` between BENCHMARKS.md's `<!-- name:begin -->`/`<!-- name:end -->` markers; the
+    prose around them is kept. Without the markers, the block goes at the end under `heading`."""
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    block = f"{begin}\n{text}\n{end}"
+    content = BENCHMARKS.read_text() if BENCHMARKS.exists() else "# Benchmarks\n"
+    if begin in content and end in content:
+        head, _, rest = content.partition(begin)
+        _, _, tail = rest.partition(end)
+        BENCHMARKS.write_text(head + block + tail)
         return
-    BENCHMARKS.write_text("# Benchmarks\n\n`just bench` rewrites the section between the markers.\n\n"
-                          "## Latest run\n\n" + block + "\n")
+    BENCHMARKS.write_text(content.rstrip() + f"\n\n## {heading}\n\n" + block + "\n")
+
+
+def write_benchmarks(section: str) -> None:
+    write_marked_section("bench", section, "Latest run")

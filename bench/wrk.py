@@ -60,6 +60,16 @@ class Run:
         return out
 
 
+def digits_manifest(folder: Path) -> Path:
+    """The file bench/upload.lua reads: one digit PNG's path per line."""
+    files = sorted(DIGITS.glob("*.png"))
+    if not files:
+        raise SystemExit(f"no digit PNGs in {DIGITS}")
+    manifest = folder / "digits.txt"
+    manifest.write_text("".join(f"{path}\n" for path in files))
+    return manifest
+
+
 async def wrk(url: str, connections: int, seconds: float, mode: str, manifest: Path, out: Path,
               ok_status: int = 201) -> dict[str, Any]:
     env = {**os.environ, "BENCH_FILES": str(manifest), "BENCH_MODE": mode, "BENCH_OUT": str(out),
@@ -81,11 +91,7 @@ class Bench:
         self.args = args
         self.results = results
         self.admin = admin
-        self.manifest = results / "digits.txt"
-        files = sorted(DIGITS.glob("*.png"))
-        if not files:
-            raise SystemExit(f"no digit PNGs in {DIGITS}")
-        self.manifest.write_text("".join(f"{path}\n" for path in files))
+        self.manifest = digits_manifest(results)
         self.runs: list[Run] = []
         self.server_pids: list[int] = []  # all servers under test: idle before each measured run
 
