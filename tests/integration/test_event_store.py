@@ -432,3 +432,45 @@ async def test_a_group_that_names_one_stream_several_times_sees_its_own_earlier_
     versions = [r["stream_version"] for r in await owner.fetch(
         "SELECT stream_version FROM events WHERE stream_id = $1 ORDER BY position", stream)]
     assert versions == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize("padding", [0, 300], ids=["small group, event by event", "large group, set-based"])
+async def test_small_and_large_groups_decide_and_chain_alike(app_pool, padding):
+    """append_events builds a group of more than 512 events set-based and a smaller one event by
+    event: both give the same outcomes (replayed key, taken key, conflict, a stream named twice,
+    blobs only for what committed) and hashes that domain/chain.py recomputes."""
+    store = EventStore(app_pool)
+    taken = prediction_request(key="taken")
+    (first,) = await store.append([taken])
+    stream = first.stream_id
+    label = lambda n: AppendRequest(stream_id=stream, expected_version=n,  # noqa: E731
+                                    events=[GroundTruthRecorded(label=n % 10, source="group")])
+    twin = lambda request: msgspec.structs.replace(  # noqa: E731
+        prediction_request(key=request.idempotency_key), request_sha256=request.request_sha256)
+    replayed = twin(taken)
+    reused = msgspec.structs.replace(prediction_request(key="taken"), request_sha256=b"other")
+    new = prediction_request(key="new")
+    conflicted = prediction_request()
+    conflicted = msgspec.structs.replace(conflicted, expected_version=5)
+    padded = [prediction_request(label=f"pad{i}") for i in range(padding)]  # two events each
+    group = [label(2), *padded[:padding // 2], replayed, label(3), conflicted, reused, label(2),
+             new, twin(new), *padded[padding // 2:], label(4)]
+    outcomes = await store.append(group)
+
+    kinds = [type(o).__name__ for o in outcomes]
+    expected = (["Committed"] + ["Committed"] * (padding // 2)
+                + ["Replayed", "Committed", "VersionConflict", "IdempotencyKeyReused", "VersionConflict",
+                   "Committed", "Replayed"] + ["Committed"] * (padding - padding // 2) + ["Committed"])
+    assert kinds == expected
+    committed = [o for o in outcomes if isinstance(o, Committed)]
+    assert [e.stream_version for o in committed if o.stream_id == stream for e in o.events] == [3, 4, 5]
+    stored = await store.read_all(0, 10_000)
+    previous = GENESIS_HASH
+    for event in stored:
+        previous = link(previous, event.chained())
+        assert event.hash == previous, event.position
+    assert [e for o in committed for e in o.events] == stored[1 + 1:]  # after the first upload's two events
+    for request, outcome in zip(group, outcomes, strict=True):
+        if isinstance(request.events[0], PredictionRequested):
+            stored_blob = await store.read_blob(bytes.fromhex(request.events[0].blob_sha256))
+            assert (stored_blob is not None) == isinstance(outcome, Committed)
