@@ -189,7 +189,7 @@ async def on_the_service(owner_dsn: str, made: list, request_items: int, before:
             print(f"uploads at 16 connections: {max(alone):,.0f} req/s alone, {max(along):,.0f} req/s while labels are "
                   f"ingested ({min(rates):,.0f}-{max(rates):,.0f} labels/s over HTTP meanwhile): "
                   f"{max(along) / max(alone):.0%} (best of two interleaved rounds each; LABELS_SHARE_WHILE_UPLOADING "
-                  f"{os.environ.get('LABELS_SHARE_WHILE_UPLOADING', 'default 0.1')})")
+                  f"{os.environ.get('LABELS_SHARE_WHILE_UPLOADING', 'default 0.05')})")
         finally:
             service.stop()
 

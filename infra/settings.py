@@ -228,6 +228,6 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             audit_jobs=_choice("AUDIT_JOBS", "on", ("on", "off")) == "on",
             audit_job_timeout_s=_float("AUDIT_JOB_TIMEOUT_S", 600.0),
             audit_job_queue_max=_positive_int("AUDIT_JOB_QUEUE_MAX", 8),
-            labels_share_while_uploading=_share("LABELS_SHARE_WHILE_UPLOADING", 0.1),
+            labels_share_while_uploading=_share("LABELS_SHARE_WHILE_UPLOADING", 0.05),
             log_level=_env("LOG_LEVEL", "INFO"),
         )
