@@ -117,7 +117,8 @@ def test_headers_that_trickle_in_get_408_problem_and_the_connection_closes(servi
         took = time.monotonic() - started
     assert answer.startswith(b"HTTP/1.1 408"), answer
     assert b"application/problem+json" in answer and b"urn:problem:header_timeout" in answer
-    assert HEADER_TIMEOUT_S <= took < HEADER_TIMEOUT_S + 2
+    # The event loop may run a timer up to its clock resolution early (CI measured 0.99999 s).
+    assert HEADER_TIMEOUT_S - 0.01 <= took < HEADER_TIMEOUT_S + 2
 
 
 def test_a_connection_that_sends_nothing_is_closed_after_the_header_deadline(service):
