@@ -38,6 +38,8 @@ from db.store import AppendRequest, EventStore  # noqa: E402
 from domain.events import ModelRegistered  # noqa: E402
 from domain.streams import model_stream_id  # noqa: E402
 from harness.live import LiveService  # noqa: E402
+from infra.database import create_pool  # noqa: E402
+from infra.settings import Settings  # noqa: E402
 from projections.worker import ProjectionRunner  # noqa: E402
 from usecases.labels import LabelService  # noqa: E402
 
@@ -65,7 +67,7 @@ async def bench(admin_dsn: str, events: int, request_items: int, labels: int, up
         gc.collect()
         gc.freeze()
 
-        pool = await asyncpg.create_pool(app_dsn, min_size=2, max_size=4)
+        pool = await create_pool(app_dsn, Settings.from_env(), size=4, min_size=2)  # the service's pool settings
         store = EventStore(pool)
         registered = ModelRegistered(model=MODEL, size_bytes=1, input_shape=[28, 28, 1], output_kind="vector",
                                      num_classes=10, runtime={})

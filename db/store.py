@@ -364,11 +364,14 @@ class EventStore:
         """What labelling needs of each prediction the read tables hold (unknown and not yet
         projected ids are absent): status, model sha256, likely class, output width (None when
         failed), and the stream's current version, read from the log itself. One indexed probe
-        per id; reading and decoding the streams' first events cost bulk labels twice as much."""
+        per id; reading and decoding the streams' first events cost bulk labels twice as much.
+        The LIMIT keeps the probes: as a join or `= ANY(...)`, 10,000 ids of a million-row table
+        got a parallel scan of all of it, 2-3 times slower."""
         rows = await self._fetch(
-            "SELECT p.prediction_id, p.status, p.model_sha256, p.likely_class, cardinality(p.output),"
-            " (SELECT max(e.stream_version) FROM events AS e WHERE e.stream_id = p.prediction_id)"
-            " FROM predictions AS p WHERE p.prediction_id = ANY($1::uuid[])",
+            "SELECT w.id, p.status, p.model_sha256, p.likely_class, cardinality(p.output),"
+            " (SELECT max(e.stream_version) FROM events AS e WHERE e.stream_id = w.id)"
+            " FROM unnest($1::uuid[]) AS w(id) CROSS JOIN LATERAL"
+            " (SELECT * FROM predictions AS p WHERE p.prediction_id = w.id LIMIT 1) AS p",
             list(prediction_ids),
         )
         return {row[0]: (row[1], row[2], row[3], row[4], row[5]) for row in rows}
@@ -422,4 +425,8 @@ def append_settings(*, lock_timeout_ms: int, statement_timeout_ms: int, idle_tim
         # plan chosen while the tables were empty (a scan), and keep it as they grow
         # (BENCHMARKS.md, "Decisions": server CPU per request grew 28-fold by 104k events).
         "plan_cache_mode": "force_custom_plan",
+        # Every statement here is a lookup or works on arrays whose joins the planner misjudges by
+        # orders of magnitude, so JIT (on by default) would compile some of them with LLVM on every
+        # call: 100-240 ms each for a bulk-label request, longer than the queries themselves.
+        "jit": "off",
     }

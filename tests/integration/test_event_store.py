@@ -354,6 +354,22 @@ async def test_append_events_runs_as_a_nologin_role_that_only_audit_app_may_call
     assert not await owner.fetchval("SELECT has_schema_privilege('audit_app', 'public', 'CREATE')")
 
 
+async def test_the_bulk_append_runs_without_jit_and_only_through_append_events(owner):
+    """The set-based path's queries are costed in the billions of rows, so on a server with JIT on
+    (PostgreSQL's default) every call compiled them (240 ms of a 10,000-label request). A later
+    CREATE OR REPLACE that forgets the SET clause would quietly bring that back."""
+    function = await owner.fetchrow(
+        """
+        SELECT p.prosecdef, p.proconfig, r.rolname, has_function_privilege('audit_app', p.oid, 'EXECUTE') AS app_may_call
+        FROM pg_proc AS p JOIN pg_roles AS r ON r.oid = p.proowner
+        WHERE p.proname = 'append_events_in_bulk' AND p.pronamespace = 'public'::regnamespace
+        """
+    )
+    assert function["prosecdef"] and function["rolname"] == "audit_log_writer"
+    assert sorted(function["proconfig"]) == ["jit=off", "search_path=pg_catalog, public, pg_temp"]
+    assert not function["app_may_call"]
+
+
 async def test_a_temporary_table_cannot_stand_in_for_the_log(database):
     """pg_temp is searched first for tables unless a search_path names it: the function's own
     search_path puts it last and its tables are schema-qualified."""
