@@ -227,18 +227,22 @@ class EventStore:
         outcomes: list[AppendOutcome | None] = [None] * len(requests)
         # Encode before the round trip: a value that cannot be encoded fails its own request only.
         sent: list[tuple[int, list[tuple[str, int, str]], str]] = []
+        shared_metadata: tuple[object, str] | None = None  # a bulk request's 10,000 appends share one dict
         for index, request in enumerate(requests):
             if not request.events:
                 outcomes[index] = AppendRejected("an append needs at least one event")
                 continue
             try:
                 events = [(event_type(e), SCHEMA_VERSIONS[event_type(e)], encode_event(e)) for e in request.events]
-                encoded_metadata = encode_metadata(request.metadata)
+                if shared_metadata is None or shared_metadata[0] is not request.metadata:
+                    shared_metadata = (request.metadata, encode_metadata(request.metadata))
+                encoded_metadata = shared_metadata[1]
             except (TypeError, ValueError, KeyError, msgspec.EncodeError) as error:
                 outcomes[index] = AppendRejected(f"the events cannot be encoded: {error}")
                 continue
-            metadata_bytes = len(encoded_metadata.encode())
-            largest = max(len(data.encode()) for _, _, data in events) + metadata_bytes
+            largest = max(len(data) for _, _, data in events) + len(encoded_metadata)
+            if largest * 4 > MAX_PAYLOAD_BYTES:  # UTF-8 takes up to 4 bytes a character: count bytes only then
+                largest = max(len(data.encode()) for _, _, data in events) + len(encoded_metadata.encode())
             if largest > MAX_PAYLOAD_BYTES:
                 outcomes[index] = EventTooLarge(
                     f"an event's data and metadata take {largest:,} bytes; at most {MAX_PAYLOAD_BYTES:,} fit a log entry"

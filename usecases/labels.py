@@ -122,7 +122,7 @@ class LabelService:
         idempotency_key: str | None, fingerprint: bytes | None, metadata: dict[str, Any],
     ) -> BulkOutcome:
         for _ in range(MAX_ATTEMPTS):
-            items, by_stream, targets = await self._plan(raw_items, default_source, actor)
+            items, placed, by_stream, targets = await self._plan(raw_items, default_source, actor)
             requests = [AppendRequest(
                 stream_id=uuid.uuid4(), expected_version=0, events=list(batch_events(items, actor)), metadata=metadata,
                 idempotency_key=idempotency_key, request_sha256=fingerprint,
@@ -138,7 +138,7 @@ class LabelService:
             if isinstance(first, IdempotencyKeyReused | DatabaseUnavailable):
                 raise first
             if all(isinstance(outcome, Committed) for outcome in outcomes):
-                return self._answer(items, outcomes)  # type: ignore[arg-type]
+                return self._answer(items, placed, outcomes)  # type: ignore[arg-type]
             if not any(isinstance(outcome, VersionConflict) for outcome in outcomes):
                 raise next(o for o in outcomes if not isinstance(o, Committed))  # type: ignore[misc]
             # A label for one of these predictions committed meanwhile: read again, plan again.
@@ -146,7 +146,10 @@ class LabelService:
 
     async def _plan(
         self, raw_items: Sequence[object], default_source: str | None, actor: str | None
-    ) -> tuple[list[LabelBatchItem], dict[uuid.UUID, list[Event]], dict[uuid.UUID, LabelTarget]]:
+    ) -> tuple[list[LabelBatchItem], list[tuple[int, uuid.UUID, int]], dict[uuid.UUID, list[Event]],
+               dict[uuid.UUID, LabelTarget]]:
+        """Each item's answer; where each accepted one goes (index, stream, stream version); the
+        events per stream; the targets read."""
         parsed: list[tuple[int, Any]] = []
         for index, raw in enumerate(raw_items):
             try:
@@ -160,6 +163,7 @@ class LabelService:
             targets.update({stream: target for stream, (version, first) in starts.items()
                             if (target := label_target(first, version=version)) is not None})
         items: list[LabelBatchItem] = []
+        placed: list[tuple[int, uuid.UUID, int]] = []
         by_stream: dict[uuid.UUID, list[Event]] = {}
         for index, item in parsed:
             if index % YIELD_EVERY == YIELD_EVERY - 1:
@@ -179,13 +183,14 @@ class LabelService:
                 continue
             pending = by_stream.setdefault(stream, [])
             pending.append(event)
-            items.append(LabelBatchItem(index=index, prediction_id=str(stream), stream_version=target.version + len(pending)))
-        return items, by_stream, targets
+            placed.append((index, stream, target.version + len(pending)))
+            items.append(LabelBatchItem(index=index, prediction_id=str(stream), stream_version=placed[-1][2]))
+        return items, placed, by_stream, targets
 
-    def _answer(self, items: list[LabelBatchItem], outcomes: list[Committed]) -> BulkOutcome:
+    def _answer(self, items: list[LabelBatchItem], placed: list[tuple[int, uuid.UUID, int]],
+                outcomes: list[Committed]) -> BulkOutcome:
         stored = {(event.stream_id, event.stream_version): event for outcome in outcomes[1:] for event in outcome.events}
-        events = {item.index: stored[(uuid.UUID(item.prediction_id), item.stream_version)]
-                  for item in items if item.stream_version is not None and item.prediction_id is not None}
+        events = {index: stored[(stream, version)] for index, stream, version in placed}
         return BulkOutcome(items=items, events=events, batch=outcomes[0].events[0],
                            head_position=outcomes[0].head_position, head_hash=outcomes[0].head_hash)
 
