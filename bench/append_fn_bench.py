@@ -36,6 +36,7 @@ from bench.replay_bench import MODEL, synthetic_log  # noqa: E402
 from db.store import AppendRequest, Committed, EventStore, append_settings  # noqa: E402
 from domain.events import ImageFacts, PredictionMade, PredictionRequested  # noqa: E402
 from harness.databases import Server  # noqa: E402
+from infra.database import _keep_session  # noqa: E402
 
 
 def on_cpu_ns(pid: int) -> int:
@@ -67,7 +68,8 @@ class Variant:
     async def open(self) -> None:
         settings = append_settings(lock_timeout_ms=5000, statement_timeout_ms=30000, idle_timeout_ms=30000)
         settings["plan_cache_mode"] = self.mode
-        self.pool = await asyncpg.create_pool(self.dsn, min_size=1, max_size=1, server_settings=settings)
+        self.pool = await asyncpg.create_pool(self.dsn, min_size=1, max_size=1, server_settings=settings,
+                                              reset=_keep_session)  # as the service's pool (infra/database.py)
         self.store = EventStore(self.pool)
         async with self.pool.acquire() as connection:
             self.pid = connection.get_server_pid()

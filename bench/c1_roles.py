@@ -1,7 +1,7 @@
 """PostgreSQL CPU per upload at one connection, by backend role: the request's append pool, the
 projection worker, the tree integrator (and checkpoint signer), anything else.
 
-    python bench/c1_roles.py [--seconds 8] [--warmup 300] [--rounds 3] [--variant NAME=ENV=VALUE ...] [--sql NAME=FILE ...]
+    python bench/c1_roles.py [--seconds 8] [--warmup 300] [--rounds 3] [--variant NAME=ENV=VALUE ...] [--sql NAME=FILE ...] [--root NAME=DIR ...]
 
 Starts the service (harness/live.py) on a throwaway database (harness/databases.py), sends uploads
 at one connection with wrk and bench/upload.lua (the digit PNGs, multipart; warm-up from Python),
@@ -13,7 +13,8 @@ upload (all threads, the projection process too), and wrk's p50/mean latency (wa
 under `flock /work/bench.lock`).
 
 `--variant` runs a second service with extra environment (e.g. a sitecustomize on PYTHONPATH),
-`--sql` one whose database first runs a SQL file as its owner (e.g. an earlier function body);
+`--sql` one whose database first runs a SQL file as its owner (e.g. an earlier function body),
+`--root` one that runs from another checkout of the code (e.g. the commit before a change);
 rows alternate between the services, each round measures every variant once.
 """
 
@@ -35,6 +36,7 @@ import httpx  # noqa: E402
 
 from bench.cpu import process_tree  # noqa: E402
 from bench.wrk import digits_manifest, wrk  # noqa: E402
+from harness import live  # noqa: E402
 from harness.databases import Server  # noqa: E402
 from harness.live import LiveService  # noqa: E402
 
@@ -126,7 +128,8 @@ async def main_async(args: argparse.Namespace) -> None:
         key, _, value = assignment.partition("=")
         variants.setdefault(name, {})[key] = value
     sql = {name: Path(path) for name, _, path in (spec.partition("=") for spec in args.sql)}
-    for name in sql:
+    roots = {name: Path(path).resolve() for name, _, path in (spec.partition("=") for spec in args.root)}
+    for name in [*sql, *roots]:
         variants.setdefault(name, {})
     server = await asyncio.to_thread(Server)
     admin = await asyncpg.connect(server.admin_dsn)
@@ -143,7 +146,14 @@ async def main_async(args: argparse.Namespace) -> None:
                     await owner.close()
             services[name] = LiveService(databases[name].owner_dsn, logs / f"c1-roles-{name}.log",
                                          LOG_LEVEL="WARNING", **env)
-        await asyncio.gather(*(asyncio.to_thread(service.start, 180.0) for service in services.values()))
+        for name, service in services.items():  # one at a time: a variant may run another checkout
+            root = roots.get(name)
+            if root is not None:
+                service.env["PYTHONPATH"] = str(root)
+            live.ROOT = root or REPO
+            service.launch()
+        live.ROOT = REPO
+        await asyncio.gather(*(asyncio.to_thread(service.wait_ready, 180.0) for service in services.values()))
         for service in services.values():
             await asyncio.to_thread(upload_loop, service.url, files, args.warmup)
         results: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
@@ -175,6 +185,8 @@ def main() -> None:
     parser.add_argument("--variant", action="append", default=[], help="NAME=ENV=VALUE (repeatable)")
     parser.add_argument("--sql", action="append", default=[],
                         help="NAME=FILE: a variant whose database runs FILE (up to '-- migrate:down') first")
+    parser.add_argument("--root", action="append", default=[],
+                        help="NAME=DIR: a variant whose service runs from another checkout (e.g. a `git worktree`)")
     parser.add_argument("--logs", default=str(REPO / "bench" / "results"))
     asyncio.run(main_async(parser.parse_args()))
 

@@ -128,6 +128,7 @@ class ElectedFollower:
         self._active = False
         self.position: int | None = None  # where this follower is, as of its last step
         self.events_applied = 0
+        self.notifications = 0  # NOTIFYs received (none while coalescing)
         self.restarts = 0
 
     @property
@@ -224,14 +225,23 @@ class ElectedFollower:
                 if count == self._batch_size:
                     continue  # more may be waiting: no need for a wake-up
                 # Under load every group commit notifies: let a few commits gather so a batch
-                # carries many events instead of paying per-batch costs for each commit.
-                if self._coalesce_s > 0 and await self._sleep(self._coalesce_s):
-                    break
+                # carries many events instead of paying per-batch costs for each commit. Not
+                # listening meanwhile: each notification would cost this session's backend and
+                # this process a wake-up for nothing (the next step reads whatever committed).
+                # Listening again before that step reads, so no commit after it goes unnoticed.
+                if self._coalesce_s > 0:
+                    await connection.remove_listener(NOTIFY_CHANNEL, self._notified)
+                    stopping = await self._sleep(self._coalesce_s)
+                    await connection.add_listener(NOTIFY_CHANNEL, self._notified)
+                    if stopping:
+                        break
+                    continue
             await self._wait_for_work()
 
     # ---- waiting --------------------------------------------------------------------------
 
     def _notified(self, _connection: object, _pid: int, _channel: str, payload: str) -> None:
+        self.notifications += 1
         self._wake.set()
 
     async def _wait_for_work(self) -> None:

@@ -213,6 +213,32 @@ async def test_notify_wakes_the_worker_promptly(database, app_pool, owner):
         await runner.stop()
 
 
+async def test_a_coalescing_worker_is_not_woken_by_the_commits_it_gathers(database, app_pool, owner):
+    """While commits gather after a batch, the worker does not listen: a NOTIFY per commit would
+    cost its backend and its process a wake-up each for nothing. It listens again before it
+    reads, so what committed meanwhile is applied by the next step, and later commits wake it."""
+    store = EventStore(app_pool)
+    runner = runner_for(database.app_dsn, poll_interval_s=30, coalesce_s=0.5)
+    await runner.start()
+    try:
+        await eventually(lambda: is_active(runner))
+        await asyncio.sleep(0.1)  # past the first (empty) batch: now waiting for a notification
+        await append(store, prediction_request())
+        await eventually(lambda: _tracked_position_is(owner, 2), timeout_s=5, interval_s=0.005)
+        await asyncio.sleep(0.05)  # coalescing now
+        before = runner.notifications
+        for _ in range(10):
+            await append(store, prediction_request())
+        assert runner.notifications - before <= 1  # without the UNLISTEN: one per commit
+        await eventually(lambda: _tracked_position_is(owner, 22), timeout_s=5)
+        await asyncio.sleep(0.6)  # the next coalescing window ends with nothing to read
+        await append(store, prediction_request())  # a later commit still wakes it
+        took = await eventually(lambda: _tracked_position_is(owner, 24), timeout_s=5, interval_s=0.005)
+        assert took < 1.0 and runner.notifications > before
+    finally:
+        await runner.stop()
+
+
 async def _tracked_position_is(connection, position: int) -> bool:
     return await tracked_position_of(connection) == position
 
