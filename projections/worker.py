@@ -57,7 +57,8 @@ def worker_server_settings(name: str, node: str | None = None) -> dict[str, str]
         "idle_in_transaction_session_timeout": "30000",
         # A rebuild's swap holds the tracking row briefly; wait for it, but not forever.
         "lock_timeout": "30000",
-        # Never keep a generic plan chosen while the read tables were empty (see append_settings).
+        # Never keep a generic plan chosen while the read tables were empty (see append_settings);
+        # project_batch asks for generic plans in a batch whose statements are all index probes.
         "plan_cache_mode": "force_custom_plan",
     }
 
