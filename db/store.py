@@ -428,6 +428,8 @@ def append_settings(*, lock_timeout_ms: int, statement_timeout_ms: int, idle_tim
         # asyncpg prepares every statement; after five runs PostgreSQL may switch to a generic
         # plan chosen while the tables were empty (a scan), and keep it as they grow
         # (BENCHMARKS.md, "Decisions": server CPU per request grew 28-fold by 104k events).
+        # append_events overrides it for its own statements, which are all index probes
+        # (db/migrations/20261204040000_append_events_cached_plans.sql).
         "plan_cache_mode": "force_custom_plan",
         # Every statement here is a lookup or works on arrays whose joins the planner misjudges by
         # orders of magnitude, so JIT (on by default) would compile some of them with LLVM on every

@@ -268,7 +268,10 @@ class ReadModelWriter:
                      tensor_sha256, preprocessing, idempotency_key, recorded_at)
         """
         # The input is the request of the same stream; an outcome whose request was not applied
-        # finds no row in the join and is reported by the caller (RETURNING tells which).
+        # finds no row in the join and is reported by the caller (RETURNING tells which). One
+        # probe of inputs' unique stream_id index per outcome, however it is planned (see
+        # project_batch: a hash join over a scan of `inputs` is what a plan made on an empty table
+        # chose for a plain join).
         self._insert_predictions = f"""
             INSERT INTO {s}.predictions (prediction_id, input_id, position, status, output, likely_class,
                 model_name, model_version, model_sha256, device, batch_size, batch_index,
@@ -281,7 +284,7 @@ class ReadModelWriter:
                 $14::timestamptz[])
                 AS u(prediction_id, position, status, output, likely_class, model_name, model_version,
                      model_sha256, device, batch_size, batch_index, error_code, error_message, recorded_at)
-            JOIN {s}.inputs AS i ON i.stream_id = u.prediction_id
+            CROSS JOIN LATERAL (SELECT i.input_id FROM {s}.inputs AS i WHERE i.stream_id = u.prediction_id LIMIT 1) AS i
             RETURNING position, prediction_id
         """
         # An erasure marks the inputs of its blob recorded before it (a later upload of the same
@@ -322,9 +325,11 @@ class ReadModelWriter:
         """
         # Quality cells: a new outcome counts in its cell as unlabelled; a label that changes
         # moves the prediction from the cell of its old label to the cell of its new one.
+        # (one probe of the primary key per prediction, however it is planned)
         self._count_outcomes = _cell_upsert(s, f"""
             SELECT p.model_sha256, p.recorded_at, p.status, p.likely_class, p.output, NULL::int AS truth, 1 AS sign
-            FROM {s}.predictions AS p WHERE p.prediction_id = ANY($1::uuid[])
+            FROM (SELECT DISTINCT t.id FROM unnest($1::uuid[]) AS t(id)) AS x
+            CROSS JOIN LATERAL (SELECT * FROM {s}.predictions AS p WHERE p.prediction_id = x.id LIMIT 1) AS p
         """)
         self._move_labelled = _cell_upsert(s, f"""
             SELECT p.model_sha256, p.recorded_at, p.status, p.likely_class, p.output, x.truth, x.sign
@@ -426,6 +431,9 @@ class ReadModelWriter:
             await connection.execute(self._count_outcomes, list(prediction_ids))
 
 
+_GENERIC_PLANS = "SET LOCAL plan_cache_mode = force_generic_plan"
+
+
 async def project_batch(
     connection: asyncpg.Connection,
     writer: ReadModelWriter,
@@ -451,7 +459,16 @@ async def project_batch(
         events = await read_projected_events(connection, expected, batch_size)
         if not events:
             return expected, 0, []
-        errors = await writer.write(connection, PreparedBatch(events))
+        batch = PreparedBatch(events)
+        if not batch.labels and not batch.erasures:
+            # Uploads only (what every batch is while no labels arrive): each statement left in
+            # this transaction inserts rows from arrays or probes a unique index, so its generic
+            # plan is right at any table size, even one made while the tables were empty, and
+            # planning it again for every batch would cost about a third of the batch's
+            # PostgreSQL CPU (BENCHMARKS.md, "PostgreSQL plan caching"). Label and erasure
+            # statements join against the read tables and keep the session's custom plans.
+            await connection.execute(_GENERIC_PLANS)
+        errors = await writer.write(connection, batch)
         new_position = events[-1][0]
         # Compare-and-set: redundant with the row lock above while this worker's session holds
         # it, but the rule that refuses a deposed worker's late write whatever path it came by.

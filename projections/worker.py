@@ -57,7 +57,8 @@ def worker_server_settings(name: str, node: str | None = None) -> dict[str, str]
         "idle_in_transaction_session_timeout": "30000",
         # A rebuild's swap holds the tracking row briefly; wait for it, but not forever.
         "lock_timeout": "30000",
-        # Never keep a generic plan chosen while the read tables were empty (see append_settings).
+        # Never keep a generic plan chosen while the read tables were empty (see append_settings);
+        # project_batch asks for generic plans in a batch whose statements are all index probes.
         "plan_cache_mode": "force_custom_plan",
     }
 
@@ -128,6 +129,7 @@ class ElectedFollower:
         self._active = False
         self.position: int | None = None  # where this follower is, as of its last step
         self.events_applied = 0
+        self.notifications = 0  # NOTIFYs received (none while coalescing)
         self.restarts = 0
 
     @property
@@ -224,14 +226,23 @@ class ElectedFollower:
                 if count == self._batch_size:
                     continue  # more may be waiting: no need for a wake-up
                 # Under load every group commit notifies: let a few commits gather so a batch
-                # carries many events instead of paying per-batch costs for each commit.
-                if self._coalesce_s > 0 and await self._sleep(self._coalesce_s):
-                    break
+                # carries many events instead of paying per-batch costs for each commit. Not
+                # listening meanwhile: each notification would cost this session's backend and
+                # this process a wake-up for nothing (the next step reads whatever committed).
+                # Listening again before that step reads, so no commit after it goes unnoticed.
+                if self._coalesce_s > 0:
+                    await connection.remove_listener(NOTIFY_CHANNEL, self._notified)
+                    stopping = await self._sleep(self._coalesce_s)
+                    await connection.add_listener(NOTIFY_CHANNEL, self._notified)
+                    if stopping:
+                        break
+                    continue
             await self._wait_for_work()
 
     # ---- waiting --------------------------------------------------------------------------
 
     def _notified(self, _connection: object, _pid: int, _channel: str, payload: str) -> None:
+        self.notifications += 1
         self._wake.set()
 
     async def _wait_for_work(self) -> None:

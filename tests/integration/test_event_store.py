@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import uuid
 from datetime import timedelta
@@ -22,6 +23,7 @@ from db.store import (
     IdempotencyKeyReused,
     Replayed,
     VersionConflict,
+    append_settings,
 )
 from domain.chain import GENESIS_HASH, MAX_PAYLOAD_BYTES, ChainedRecord, find_break, link, to_microseconds
 from domain.events import GroundTruthRecorded, PredictionMade, PredictionRequested
@@ -343,7 +345,8 @@ async def test_append_events_runs_as_a_nologin_role_that_only_audit_app_may_call
         WHERE p.proname = 'append_events' AND p.pronamespace = 'public'::regnamespace
         """
     )
-    assert function["prosecdef"] and function["proconfig"] == ["search_path=pg_catalog, public, pg_temp"]
+    assert function["prosecdef"] and function["proconfig"] == [
+        "search_path=pg_catalog, public, pg_temp", "plan_cache_mode=force_generic_plan"]
     assert (function["rolname"], function["rolcanlogin"], function["rolsuper"]) == ("audit_log_writer", False, False)
     assert function["app_may_call"]
     assert not any(entry.startswith("=") for entry in function["acl"])  # nothing granted to PUBLIC
@@ -490,3 +493,45 @@ async def test_small_and_large_groups_decide_and_chain_alike(app_pool, padding):
         if isinstance(request.events[0], PredictionRequested):
             stored_blob = await store.read_blob(bytes.fromhex(request.events[0].blob_sha256))
             assert (stored_blob is not None) == isinstance(outcome, Committed)
+
+
+async def test_append_events_plans_its_statements_once_and_only_as_index_probes(database, owner):
+    """The append pool asks for custom plans (append_settings), but append_events runs with
+    plan_cache_mode=force_generic_plan: each statement is planned once per session, without the
+    call's values (an unnest of a parameter is estimated at 10 rows, of a known array at its
+    length). Planned on an empty, never-analyzed log, every lookup is still an index probe, so
+    the plan kept stays right at any size. The bulk path keeps planning each group."""
+    settings = append_settings(lock_timeout_ms=5000, statement_timeout_ms=30000, idle_timeout_ms=30000)
+    assert settings["plan_cache_mode"] == "force_custom_plan"
+    connection = await asyncpg.connect(database.owner_dsn, server_settings=settings)
+    plans: list[str] = []
+    connection.add_log_listener(lambda _connection, message: plans.append(message.message))
+    await connection.execute(
+        "LOAD 'auto_explain'; SET auto_explain.log_min_duration = 0;"
+        " SET auto_explain.log_nested_statements = on; SET client_min_messages = log"
+    )
+
+    class OneSession:  # what EventStore needs of a pool, on this one session
+        @contextlib.asynccontextmanager
+        async def acquire(self):
+            yield connection
+
+    try:
+        store = EventStore(OneSession())  # type: ignore[arg-type]
+        for key in (None, "a-key", None):
+            (outcome,) = await store.append([prediction_request(key=key)])
+            assert isinstance(outcome, Committed)
+    finally:
+        await connection.close()
+
+    lookups = [plan for plan in plans if "LEFT JOIN LATERAL" in plan]
+    assert len(lookups) == 3
+    for plan in lookups:
+        assert "Index Only Scan Backward using events_stream_version_unique on events" in plan
+        assert "Function Scan on unnest t  (cost=0.00..0.10 rows=10 " in plan  # generic: the array is not known
+    keys = [plan for plan in plans if "FROM unnest(p_keys)" in plan]
+    assert len(keys) == 1 and "Index Scan using idempotency_keys_pkey on idempotency_keys" in keys[0]
+    statements = [plan for plan in plans if "public." in plan]  # append_events' own (not asyncpg's)
+    assert len(statements) > 10 and not [plan for plan in statements if "Seq Scan" in plan]
+    bulk = await owner.fetchval("SELECT proconfig FROM pg_proc WHERE proname = 'append_events_in_bulk'")
+    assert "plan_cache_mode=force_custom_plan" in bulk

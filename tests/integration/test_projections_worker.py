@@ -10,11 +10,11 @@ import asyncpg
 import msgspec
 import pytest
 
-from db.store import EventStore
-from domain.events import encode_event
+from db.store import AppendRequest, EventStore
+from domain.events import GroundTruthRecorded, encode_event
 from projections.queries import get_prediction, list_predictions
-from projections.read_model import TrackingMoved, ReadModelWriter, project_batch
-from projections.worker import ProjectionRunner
+from projections.read_model import READ_MODEL, TrackingMoved, ReadModelWriter, project_batch
+from projections.worker import ProjectionRunner, worker_server_settings
 from tests.factories import prediction_request
 from tests.proxy import TcpProxy
 from tests.projection_support import (
@@ -211,6 +211,67 @@ async def test_notify_wakes_the_worker_promptly(database, app_pool, owner):
         assert took < 1.0
     finally:
         await runner.stop()
+
+
+async def test_a_coalescing_worker_is_not_woken_by_the_commits_it_gathers(database, app_pool, owner):
+    """While commits gather after a batch, the worker does not listen: a NOTIFY per commit would
+    cost its backend and its process a wake-up each for nothing. It listens again before it
+    reads, so what committed meanwhile is applied by the next step, and later commits wake it."""
+    store = EventStore(app_pool)
+    runner = runner_for(database.app_dsn, poll_interval_s=30, coalesce_s=0.5)
+    await runner.start()
+    try:
+        await eventually(lambda: is_active(runner))
+        await asyncio.sleep(0.1)  # past the first (empty) batch: now waiting for a notification
+        await append(store, prediction_request())
+        await eventually(lambda: _tracked_position_is(owner, 2), timeout_s=5, interval_s=0.005)
+        await asyncio.sleep(0.05)  # coalescing now
+        before = runner.notifications
+        for _ in range(10):
+            await append(store, prediction_request())
+        assert runner.notifications - before <= 1  # without the UNLISTEN: one per commit
+        await eventually(lambda: _tracked_position_is(owner, 22), timeout_s=5)
+        await asyncio.sleep(0.6)  # the next coalescing window ends with nothing to read
+        await append(store, prediction_request())  # a later commit still wakes it
+        took = await eventually(lambda: _tracked_position_is(owner, 24), timeout_s=5, interval_s=0.005)
+        assert took < 1.0 and runner.notifications > before
+    finally:
+        await runner.stop()
+
+
+async def test_an_uploads_batch_plans_once_and_only_probes_unique_indexes(database, app_pool):
+    """A batch of uploads only runs with generic plans (made once, without the batch's values: an
+    unnest of a parameter is estimated at 10 rows, of a known array at its length), and made on
+    empty read tables they still probe the unique indexes instead of scanning `inputs` or
+    `predictions`. A batch with labels keeps the session's custom plans."""
+    store = EventStore(app_pool)
+    connection = await asyncpg.connect(database.owner_dsn, server_settings=worker_server_settings(READ_MODEL))
+    plans: list[str] = []
+    connection.add_log_listener(lambda _connection, message: plans.append(message.message))
+    await connection.execute("LOAD 'auto_explain'; SET auto_explain.log_min_duration = 0; SET client_min_messages = log")
+    writer = ReadModelWriter()
+    try:
+        requests = [prediction_request() for _ in range(3)]
+        position = await append(store, *requests)
+        assert (await project_batch(connection, writer, name=READ_MODEL, expected=0, batch_size=100))[:2] == (position, 6)
+        outcomes = [plan for plan in plans if 'INSERT INTO "public".predictions' in plan]
+        cells = [plan for plan in plans if ".quality_cells AS q" in plan and "NULL::int AS truth" in plan]
+        assert len(outcomes) == 1 and len(cells) == 1
+        assert "Index Scan using inputs_stream_id_key on inputs" in outcomes[0]
+        assert "Index Scan using predictions_pkey on predictions" in cells[0]
+        assert " rows=10 " in outcomes[0]  # generic: three outcomes, estimated as an unknown array
+        written = [plan for plan in plans if "public." in plan or '"public".' in plan]
+        assert not [plan for plan in written if "Seq Scan" in plan]
+
+        plans.clear()
+        label = AppendRequest(stream_id=requests[0].stream_id, expected_version=2,
+                              events=[GroundTruthRecorded(label=3, source="test")])
+        position = await append(store, label, prediction_request())
+        assert (await project_batch(connection, writer, name=READ_MODEL, expected=6, batch_size=100))[1] == 3
+        outcomes = [plan for plan in plans if 'INSERT INTO "public".predictions' in plan]
+        assert len(outcomes) == 1 and " rows=10 " not in outcomes[0]  # custom: planned for its one outcome
+    finally:
+        await connection.close()
 
 
 async def _tracked_position_is(connection, position: int) -> bool:
