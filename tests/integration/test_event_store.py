@@ -369,7 +369,8 @@ async def test_the_bulk_append_runs_without_jit_and_only_through_append_events(o
         """
     )
     assert function["prosecdef"] and function["rolname"] == "audit_log_writer"
-    assert sorted(function["proconfig"]) == ["jit=off", "search_path=pg_catalog, public, pg_temp"]
+    assert sorted(function["proconfig"]) == [
+        "jit=off", "plan_cache_mode=force_custom_plan", "search_path=pg_catalog, public, pg_temp"]
     assert not function["app_may_call"]
 
 
