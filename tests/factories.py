@@ -5,6 +5,9 @@ from __future__ import annotations
 import hashlib
 import uuid
 
+import asyncpg
+import pytest
+
 from db.store import AppendRequest
 from domain.events import ImageFacts, ModelRef, PredictionMade, PredictionRequested
 
@@ -49,3 +52,22 @@ def prediction_request(
         idempotency_key=key,
         request_sha256=hashlib.sha256(content).digest() if key else None,
     )
+
+
+async def log_every_plan(connection: asyncpg.Connection, *, nested: bool = False) -> list[str]:
+    """Have PostgreSQL send this session the plan of every statement it runs (auto_explain, as log
+    messages); the list fills as they arrive. Skips the test on a server built without
+    auto_explain (the embedded one), closing the connection first: CI's PostgreSQL 15 run
+    checks the plans."""
+    plans: list[str] = []
+    connection.add_log_listener(lambda _connection, message: plans.append(message.message))
+    try:
+        await connection.execute("LOAD 'auto_explain'")
+    except asyncpg.UndefinedFileError:
+        await connection.close()
+        pytest.skip("this PostgreSQL has no auto_explain module (the embedded server's build)")
+    await connection.execute(
+        "SET auto_explain.log_min_duration = 0; SET client_min_messages = log"
+        + ("; SET auto_explain.log_nested_statements = on" if nested else "")
+    )
+    return plans

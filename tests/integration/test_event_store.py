@@ -27,7 +27,7 @@ from db.store import (
 )
 from domain.chain import GENESIS_HASH, MAX_PAYLOAD_BYTES, ChainedRecord, find_break, link, to_microseconds
 from domain.events import GroundTruthRecorded, PredictionMade, PredictionRequested
-from tests.factories import prediction_request
+from tests.factories import log_every_plan, prediction_request
 
 
 async def verify(store: EventStore):
@@ -505,12 +505,7 @@ async def test_append_events_plans_its_statements_once_and_only_as_index_probes(
     settings = append_settings(lock_timeout_ms=5000, statement_timeout_ms=30000, idle_timeout_ms=30000)
     assert settings["plan_cache_mode"] == "force_custom_plan"
     connection = await asyncpg.connect(database.owner_dsn, server_settings=settings)
-    plans: list[str] = []
-    connection.add_log_listener(lambda _connection, message: plans.append(message.message))
-    await connection.execute(
-        "LOAD 'auto_explain'; SET auto_explain.log_min_duration = 0;"
-        " SET auto_explain.log_nested_statements = on; SET client_min_messages = log"
-    )
+    plans = await log_every_plan(connection, nested=True)
 
     class OneSession:  # what EventStore needs of a pool, on this one session
         @contextlib.asynccontextmanager

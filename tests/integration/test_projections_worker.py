@@ -15,7 +15,7 @@ from domain.events import GroundTruthRecorded, encode_event
 from projections.queries import get_prediction, list_predictions
 from projections.read_model import READ_MODEL, TrackingMoved, ReadModelWriter, project_batch
 from projections.worker import ProjectionRunner, worker_server_settings
-from tests.factories import prediction_request
+from tests.factories import log_every_plan, prediction_request
 from tests.proxy import TcpProxy
 from tests.projection_support import (
     append,
@@ -246,9 +246,7 @@ async def test_an_uploads_batch_plans_once_and_only_probes_unique_indexes(databa
     `predictions`. A batch with labels keeps the session's custom plans."""
     store = EventStore(app_pool)
     connection = await asyncpg.connect(database.owner_dsn, server_settings=worker_server_settings(READ_MODEL))
-    plans: list[str] = []
-    connection.add_log_listener(lambda _connection, message: plans.append(message.message))
-    await connection.execute("LOAD 'auto_explain'; SET auto_explain.log_min_duration = 0; SET client_min_messages = log")
+    plans = await log_every_plan(connection)
     writer = ReadModelWriter()
     try:
         requests = [prediction_request() for _ in range(3)]
