@@ -11,6 +11,7 @@ domain/chain.py, which verifiers run.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Sequence
 from datetime import datetime
@@ -196,6 +197,12 @@ class EventStore:
 
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
+        self._releasing: set[asyncio.Task[None]] = set()
+
+    def _release_later(self, connection: asyncpg.Connection) -> None:
+        task = asyncio.get_running_loop().create_task(self.pool.release(connection))
+        self._releasing.add(task)  # a reference until it is done, so it cannot be collected midway
+        task.add_done_callback(self._releasing.discard)
 
     # ---- appends -------------------------------------------------------------------------
 
@@ -276,10 +283,19 @@ class EventStore:
         erasures = [digest for index, _, _ in sent for digest in requests[index].erase_blobs]
 
         rolled_back = False
-        async with self.pool.acquire() as connection:
-            if not erasures and not all_or_nothing:
+        if not erasures and not all_or_nothing:
+            # The upload path: one statement in autocommit, and the connection goes back to the
+            # pool without this append waiting for it. asyncpg's release is shielded in a task,
+            # so awaiting it costs two more turns of the event loop, each behind every callback
+            # already queued: under load that was 1.5-3 ms of every group's commit, and the next
+            # group waits for it (BENCHMARKS.md, "Decisions").
+            connection = await self.pool.acquire()
+            try:
                 rows = await connection.fetch(_APPEND_SQL, *arguments)
-            else:
+            finally:
+                self._release_later(connection)
+        else:
+            async with self.pool.acquire() as connection:
                 try:
                     async with connection.transaction():
                         rows = await connection.fetch(_APPEND_SQL, *arguments)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import uuid
 from datetime import timedelta
@@ -25,6 +24,7 @@ from db.store import (
     VersionConflict,
     append_settings,
 )
+from db.group_commit import GroupCommitter
 from domain.chain import GENESIS_HASH, MAX_PAYLOAD_BYTES, ChainedRecord, find_break, link, to_microseconds
 from domain.events import GroundTruthRecorded, PredictionMade, PredictionRequested
 from tests.factories import log_every_plan, prediction_request
@@ -507,10 +507,22 @@ async def test_append_events_plans_its_statements_once_and_only_as_index_probes(
     connection = await asyncpg.connect(database.owner_dsn, server_settings=settings)
     plans = await log_every_plan(connection, nested=True)
 
+    class Lent:  # asyncpg's acquire() is awaited or used with `async with`
+        def __await__(self):
+            return asyncio.sleep(0, connection).__await__()
+
+        async def __aenter__(self):
+            return connection
+
+        async def __aexit__(self, *_exc):
+            return None
+
     class OneSession:  # what EventStore needs of a pool, on this one session
-        @contextlib.asynccontextmanager
-        async def acquire(self):
-            yield connection
+        def acquire(self):
+            return Lent()
+
+        async def release(self, _connection):
+            return None
 
     try:
         store = EventStore(OneSession())  # type: ignore[arg-type]
@@ -531,3 +543,43 @@ async def test_append_events_plans_its_statements_once_and_only_as_index_probes(
     assert len(statements) > 10 and not [plan for plan in statements if "Seq Scan" in plan]
     bulk = await owner.fetchval("SELECT proconfig FROM pg_proc WHERE proname = 'append_events_in_bulk'")
     assert "plan_cache_mode=force_custom_plan" in bulk
+
+
+async def test_a_caller_that_goes_away_cancels_only_its_wait_not_the_commit(app_pool):
+    """The writer task owns each group's commit: cancelling one caller (a client that hung up)
+    leaves its request in the group, committed, and every other caller gets its answer."""
+    committer = GroupCommitter(EventStore(app_pool))
+    committer.start()
+    try:
+        requests = [prediction_request(label=str(i)) for i in range(4)]
+        waits = [asyncio.ensure_future(committer.append(request)) for request in requests]
+        await asyncio.sleep(0)  # every request is queued; the first group's transaction is under way
+        waits[1].cancel()
+        outcomes = await asyncio.gather(*waits, return_exceptions=True)
+    finally:
+        await committer.close()
+    assert isinstance(outcomes[1], asyncio.CancelledError)
+    assert all(isinstance(outcomes[i], Committed) for i in (0, 2, 3))
+    stored = {event.stream_id for event in await EventStore(app_pool).read_all(0, 100)}
+    assert stored == {request.stream_id for request in requests}  # the cancelled one too
+
+
+async def test_an_upload_append_answers_before_its_connection_is_back_in_the_pool(database):
+    """asyncpg's release is a shielded task: awaited, it would hold every group's answer for two
+    more turns of the event loop. Here the release cannot finish (the pool's reset waits for the
+    test), and the append still answers."""
+    resetting, finish_reset = asyncio.Event(), asyncio.Event()
+
+    async def held_reset(_connection: asyncpg.Connection) -> None:
+        resetting.set()
+        await finish_reset.wait()
+
+    pool = await asyncpg.create_pool(database.app_dsn, min_size=1, max_size=2, reset=held_reset)
+    try:
+        (outcome,) = await asyncio.wait_for(EventStore(pool).append([prediction_request()]), 10)
+        assert isinstance(outcome, Committed)
+        await asyncio.wait_for(resetting.wait(), 10)  # the release runs, behind the answer
+        assert pool.get_idle_size() == 0  # and has not finished
+    finally:
+        finish_reset.set()
+        await asyncio.wait_for(pool.close(), 10)
