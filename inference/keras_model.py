@@ -79,6 +79,39 @@ class KerasModel:
         # (BENCHMARKS.md, "Decisions").
         self._serve_concrete = serve.get_concrete_function()
         self._tf = tf
+        self._call = self._fastest_exact_call()
+
+    def _fastest_exact_call(self) -> Any:
+        """The concrete function's flat call (`_call_flat`), when this TensorFlow has it and it
+        answers a probe bit for bit as the public call does; the public call otherwise.
+
+        The public call binds its arguments against the function's signature on every call,
+        about 70 µs of Python holding the GIL at batch 1 (BENCHMARKS.md, "Decisions"); the flat
+        call runs the same graph with the tensor and the captured variables as they are. It is
+        TensorFlow's internal entry point, so it is checked, not assumed.
+        """
+        concrete, tf = self._serve_concrete, self._tf
+        captured = concrete.captured_inputs
+
+        def flat(images: Any) -> Any:
+            return concrete._call_flat([images], captured)
+
+        probe = tf.constant(np.linspace(0.0, 1.0, 2 * int(np.prod(self._input_shape)), dtype=np.float32)
+                            .reshape(2, *self._input_shape))
+        try:
+            with tf.device(self._device):
+                exact = np.array_equal(np.asarray(flat(probe)), np.asarray(concrete(probe)))
+        except Exception as error:  # noqa: BLE001 - any failure means: use the public call
+            logger.info("serving through the public call: the flat call failed (%r)", error)
+            return concrete
+        if not exact:
+            logger.warning("serving through the public call: the flat call's output differs")
+            return concrete
+        return flat
+
+    @property
+    def uses_flat_call(self) -> bool:
+        return self._call is not self._serve_concrete
 
     @property
     def info(self) -> ModelInfo:
@@ -97,7 +130,7 @@ class KerasModel:
         if not 1 <= batch.shape[0] <= self.max_batch:
             raise ValueError(f"batch size must be 1..{self.max_batch}, got {batch.shape[0]}")
         with self._tf.device(self._device):
-            output = self._serve_concrete(self._tf.constant(batch))
+            output = self._call(self._tf.constant(batch))
         return np.asarray(output, dtype=np.float32).reshape(batch.shape[0], -1)
 
     def warm_up(self, batch_sizes: Iterable[int] | None = None) -> None:

@@ -180,3 +180,33 @@ def test_a_model_with_more_classes_than_an_event_can_record_is_refused(tmp_path)
     wide.save(path)
     with pytest.raises(ValueError, match=f"at most {MAX_CLASSES} classes"):
         load_model(path, max_batch=1)
+
+
+def test_batches_go_through_the_flat_call_and_answer_as_the_public_call_does(mnist, digits):
+    """The adapter serves through the concrete function's flat call (it skips binding the
+    arguments on every call) only after checking it against the public call; with the
+    TensorFlow this project pins it must be in use, and every answer must be bit for bit the
+    public call's."""
+    assert mnist.uses_flat_call
+    images, _ = digits
+    tf = mnist._tf
+    for size in (1, 7, 64):
+        batch = images[:size].astype(np.float32)
+        with tf.device(mnist.info.device):
+            public = np.asarray(mnist._serve_concrete(tf.constant(batch)), dtype=np.float32)
+        assert np.array_equal(mnist.predict_batch(batch), public.reshape(size, -1))
+
+
+def test_without_a_working_flat_call_the_adapter_serves_through_the_public_call(mnist, monkeypatch):
+    """A TensorFlow whose internal flat call is gone or changed must cost speed, not answers."""
+    def gone(*_args, **_kwargs):
+        raise AttributeError("_call_flat")
+
+    monkeypatch.setattr(mnist._serve_concrete, "_call_flat", gone)
+    assert mnist._fastest_exact_call() is mnist._serve_concrete
+
+    def different(inputs, captured):
+        return mnist._serve_concrete(inputs[0]) + 1e-3
+
+    monkeypatch.setattr(mnist._serve_concrete, "_call_flat", different)
+    assert mnist._fastest_exact_call() is mnist._serve_concrete
