@@ -58,14 +58,19 @@ def top_frames(raw: Path, limit: int = 25) -> dict[str, Any]:
             continue
         count = int(count_text)
         frames = stack.split(";")
-        if frames[0].startswith("process "):  # --subprocesses prefixes the process (its command
-            while frames and not frames[0].startswith("thread "):  # line may hold a ";")
-                frames = frames[1:]
-            if not frames:
-                continue
+        # --subprocesses prefixes each sample with its process and the processes above it (a
+        # command line may hold a ";", so skip to the thread frame).
+        processes = []
+        while frames and not frames[0].startswith("thread "):
+            if frames[0].startswith("process "):
+                processes.append(frames[0])
+            frames = frames[1:]
+        if not frames:
+            continue
         thread = frames[0]
-        threads[thread] += count
-        if "MainThread" not in thread:
+        child = len(processes) > 1  # the projection worker, a child of the profiled process
+        threads[f"{_process_role(processes[-1])}: {thread}" if child else thread] += count
+        if child or "MainThread" not in thread:  # the event loop is the profiled process's main thread
             continue
         loop_samples += count
         self_counts[_short(frames[-1])] += count
@@ -91,6 +96,10 @@ _ROOT_FRAMES = {  # the chain every loop sample starts with: says nothing
     "BaseProcess._bootstrap (multiprocessing/process.py)", "BaseProcess.run (multiprocessing/process.py)",
     "subprocess_started (uvicorn/_subprocess.py)", "Process.target (supervisors/multiprocess.py)",
 }
+
+
+def _process_role(frame: str) -> str:
+    return "projection worker" if "cli project" in frame else frame.split(":", 1)[0]
 
 
 def _short(frame: str) -> str:

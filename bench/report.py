@@ -301,22 +301,33 @@ def report(result: dict[str, Any]) -> str:
         + ", ".join(f"`{k}={v}`" for k, v in sorted(d["server_settings"].items()))
         + f" (the append pool sets `synchronous_commit=on` itself). **{'OK' if d['ok'] else 'FAILED'}**.")
     if result.get("profile"):
-        p = result["profile"]
         add("")
-        add(f"### Profile (py-spy, c={top}, event-loop thread)")
-        add("")
-        threads = p.get("threads", {})
-        total = sum(threads.values()) or 1
-        add(f"Flame graph: `{Path(p['svg']).relative_to(REPO)}` (not committed). py-spy samples by thread "
-            "(active samples only): " + ", ".join(f"{name.split(': ')[-1]} {count / total:.0%}"
-                                                   for name, count in list(threads.items())[:6])
-            + f". Share of the event-loop thread's {p.get('loop_samples', 0):,} samples (inclusive, then self):")
-        add("")
-        add("| frame | inclusive | | frame | self |")
-        add("| --- | ---: | --- | --- | ---: |")
-        for (inc, inc_share), (own, own_share) in zip(p.get("inclusive", [])[:20], p.get("self", [])[:20]):
-            add(f"| `{inc}` | {inc_share:.0%} | | `{own}` | {own_share:.0%} |")
+        lines.extend(profile_section(result["profile"], top))
     return "\n".join(lines)
+
+
+def profile_section(p: dict[str, Any], top: int) -> list[str]:
+    threads = p.get("threads", {})
+    total = sum(threads.values()) or 1
+
+    def thread_name(name: str) -> str:  # "thread (5718): MainThread", "projection worker: thread (…): MainThread"
+        role, _, rest = name.partition(": thread ")
+        return f"{role}'s {rest.split(': ')[-1]}" if rest else name.split(": ")[-1]
+
+    lines = [
+        f"### Profile (py-spy, c={top}, event-loop thread)",
+        "",
+        f"Flame graph: `{Path(p['svg']).relative_to(REPO)}` (not committed). py-spy samples by thread "
+        "(active samples only): " + ", ".join(f"{thread_name(name)} {count / total:.0%}"
+                                               for name, count in list(threads.items())[:6])
+        + f". Share of the event-loop thread's {p.get('loop_samples', 0):,} samples (inclusive, then self):",
+        "",
+        "| frame | inclusive | | frame | self |",
+        "| --- | ---: | --- | --- | ---: |",
+    ]
+    for (inc, inc_share), (own, own_share) in zip(p.get("inclusive", [])[:20], p.get("self", [])[:20]):
+        lines.append(f"| `{inc}` | {inc_share:.0%} | | `{own}` | {own_share:.0%} |")
+    return lines
 
 
 def write_marked_section(name: str, text: str, heading: str) -> None:

@@ -12,6 +12,7 @@ domain/chain.py, which verifiers run.
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from collections.abc import Sequence
 from datetime import datetime
@@ -29,6 +30,8 @@ from domain.events import (
     encode_metadata,
     event_type,
 )
+
+log = logging.getLogger(__name__)
 
 APPEND_LOCK_KEY = 0x61756474  # "audt"; append_events (db/migrations) takes the same lock
 NOTIFY_CHANNEL = "audit_events"
@@ -202,7 +205,13 @@ class EventStore:
     def _release_later(self, connection: asyncpg.Connection) -> None:
         task = asyncio.get_running_loop().create_task(self.pool.release(connection))
         self._releasing.add(task)  # a reference until it is done, so it cannot be collected midway
-        task.add_done_callback(self._releasing.discard)
+        task.add_done_callback(self._released)
+
+    def _released(self, task: asyncio.Task[None]) -> None:
+        self._releasing.discard(task)
+        if not task.cancelled() and (error := task.exception()) is not None:
+            # asyncpg terminates a connection it cannot reset; the pool opens another.
+            log.warning("returning a connection to the pool failed: %r", error)
 
     # ---- appends -------------------------------------------------------------------------
 
