@@ -296,8 +296,7 @@ class EventStore:
             # The upload path: one statement in autocommit, and the connection goes back to the
             # pool without this append waiting for it. asyncpg's release is shielded in a task,
             # so awaiting it costs two more turns of the event loop, each behind every callback
-            # already queued: under load that was 1.5-3 ms of every group's commit, and the next
-            # group waits for it (BENCHMARKS.md, "Decisions").
+            # already queued, and the next group waits for them (BENCHMARKS.md, "Decisions").
             connection = await self.pool.acquire()
             try:
                 rows = await connection.fetch(_APPEND_SQL, *arguments)

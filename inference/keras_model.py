@@ -85,8 +85,8 @@ class KerasModel:
         """The concrete function's flat call (`_call_flat`), when this TensorFlow has it and it
         answers a probe bit for bit as the public call does; the public call otherwise.
 
-        The public call binds its arguments against the function's signature on every call,
-        about 70 µs of Python holding the GIL at batch 1 (BENCHMARKS.md, "Decisions"); the flat
+        The public call binds its arguments against the function's signature on every call, in
+        Python holding the GIL (BENCHMARKS.md, "Decisions"); the flat
         call runs the same graph with the tensor and the captured variables as they are. It is
         TensorFlow's internal entry point, so it is checked, not assumed.
         """
