@@ -86,9 +86,9 @@ class KerasModel:
         answers a probe bit for bit as the public call does; the public call otherwise.
 
         The public call binds its arguments against the function's signature on every call, in
-        Python holding the GIL (BENCHMARKS.md, "Decisions"); the flat
-        call runs the same graph with the tensor and the captured variables as they are. It is
-        TensorFlow's internal entry point, so it is checked, not assumed.
+        Python holding the GIL (BENCHMARKS.md, "Decisions"); the flat call runs the same graph
+        with the tensor and the captured variables as they are. It is TensorFlow's internal
+        entry point, so it is checked, not assumed.
         """
         concrete, tf = self._serve_concrete, self._tf
         captured = concrete.captured_inputs

@@ -11,6 +11,7 @@ import asyncpg
 import msgspec
 import pytest
 
+from db.group_commit import GroupCommitter
 from db.store import (
     AppendRequest,
     EventTooLarge,
@@ -24,7 +25,6 @@ from db.store import (
     VersionConflict,
     append_settings,
 )
-from db.group_commit import GroupCommitter
 from domain.chain import GENESIS_HASH, MAX_PAYLOAD_BYTES, ChainedRecord, find_break, link, to_microseconds
 from domain.events import GroundTruthRecorded, PredictionMade, PredictionRequested
 from tests.factories import log_every_plan, prediction_request
